@@ -1,0 +1,431 @@
+"""The journal: the single source of truth for instance and delivery state (SQLite).
+
+WAL mode with ``synchronous=FULL``: a committed row survives a power cut. Every method is
+one short transaction under a lock, so the DICOM handler threads, the analysis workers,
+the delivery sender and the web pages can share one ``Journal``.
+
+Instance states: ``received -> analyzing -> analyzed | skipped | failed``.
+Delivery states: ``pending -> sent | retrying -> gave_up`` (one row per result object and
+destination).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+logger = logging.getLogger(__name__)
+
+INSTANCE_STATES = ("received", "analyzing", "analyzed", "skipped", "failed")
+FINAL_INSTANCE_STATES = ("analyzed", "skipped", "failed")
+DELIVERY_STATES = ("pending", "retrying", "sent", "gave_up")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid   TEXT PRIMARY KEY,
+    sop_class_uid      TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    transfer_syntax    TEXT NOT NULL DEFAULT '',
+    calling_ae         TEXT NOT NULL DEFAULT '',
+    path               TEXT NOT NULL,
+    sha256             TEXT NOT NULL,
+    size_bytes         INTEGER NOT NULL,
+    patient_name       TEXT NOT NULL DEFAULT '',
+    patient_id         TEXT NOT NULL DEFAULT '',
+    modality           TEXT NOT NULL DEFAULT '',
+    state              TEXT NOT NULL DEFAULT 'received',
+    reason             TEXT,
+    received_at        REAL NOT NULL,
+    updated_at         REAL NOT NULL,
+    analyzed_at        REAL,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    findings_json      TEXT,
+    timings_json       TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS instances_state ON instances(state, received_at);
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid   TEXT NOT NULL REFERENCES instances(sop_instance_uid),
+    object_type        TEXT NOT NULL,
+    result_uid         TEXT NOT NULL,
+    path               TEXT NOT NULL,
+    destination        TEXT NOT NULL,
+    state              TEXT NOT NULL DEFAULT 'pending',
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    last_error         TEXT,
+    created_at         REAL NOT NULL,
+    updated_at         REAL NOT NULL,
+    next_attempt_at    REAL NOT NULL,
+    sent_at            REAL,
+    UNIQUE (result_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_instance ON deliveries(sop_instance_uid);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    path: str
+    sha256: str
+    size_bytes: int
+    patient_name: str
+    patient_id: str
+    modality: str
+    state: str
+    reason: str | None
+    received_at: float
+    updated_at: float
+    analyzed_at: float | None
+    attempts: int
+    findings_json: str | None
+    timings_json: str
+
+    @property
+    def findings(self) -> dict[str, Any] | None:
+        return json.loads(self.findings_json) if self.findings_json else None
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return json.loads(self.timings_json or "{}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Public view for the CLI and the JSON API (no file paths or hashes)."""
+        return {
+            "sop_instance_uid": self.sop_instance_uid,
+            "sop_class_uid": self.sop_class_uid,
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "calling_ae": self.calling_ae,
+            "modality": self.modality,
+            "patient_name": self.patient_name,
+            "patient_id": self.patient_id,
+            "state": self.state,
+            "reason": self.reason,
+            "received_at": self.received_at,
+            "analyzed_at": self.analyzed_at,
+            "timings_ms": self.timings,
+            "findings": self.findings,
+        }
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    id: int
+    sop_instance_uid: str
+    object_type: str
+    result_uid: str
+    path: str
+    destination: str
+    state: str
+    attempts: int
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    next_attempt_at: float
+    sent_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "id", "object_type", "result_uid", "destination", "state", "attempts",
+            "last_error", "created_at", "next_attempt_at", "sent_at")}
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the receiving side knows about a stored instance."""
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    path: str
+    sha256: str
+    size_bytes: int
+    patient_name: str = ""
+    patient_id: str = ""
+    modality: str = ""
+
+
+class Journal:
+    """SQLite journal shared by all threads of the appliance."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                   isolation_level=None, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _tx(self):
+        return _Transaction(self._db, self._lock)
+
+    def _query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def check_integrity(self) -> bool:
+        """True when SQLite's quick_check finds nothing wrong (used by /healthz)."""
+        rows = self._query("PRAGMA quick_check")
+        return bool(rows) and rows[0][0] == "ok"
+
+    # ------------------------------------------------------------------ instances
+    def find_instance(self, sop_instance_uid: str) -> InstanceRow | None:
+        rows = self._query("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return InstanceRow(**dict(rows[0])) if rows else None
+
+    def record_received(self, new: NewInstance, *, now: float | None = None) -> str:
+        """Insert a stored instance; returns "new", "duplicate" (same bytes) or "replaced".
+
+        A re-sent instance with the same bytes keeps its row and state (not analyzed
+        twice). Different bytes under the same SOP Instance UID replace the earlier
+        version and are analyzed again.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
+                             (new.sop_instance_uid,)).fetchone()
+            if row is not None and row["sha256"] == new.sha256:
+                return "duplicate"
+            if row is not None:
+                db.execute(
+                    "UPDATE instances SET sop_class_uid=?, study_instance_uid=?, series_instance_uid=?,"
+                    " transfer_syntax=?, calling_ae=?, path=?, sha256=?, size_bytes=?, patient_name=?,"
+                    " patient_id=?, modality=?, state='received', reason=NULL, received_at=?,"
+                    " updated_at=?, analyzed_at=NULL, attempts=0, findings_json=NULL, timings_json='{}'"
+                    " WHERE sop_instance_uid=?",
+                    (new.sop_class_uid, new.study_instance_uid, new.series_instance_uid,
+                     new.transfer_syntax, new.calling_ae, new.path, new.sha256, new.size_bytes,
+                     new.patient_name, new.patient_id, new.modality, now, now, new.sop_instance_uid))
+                return "replaced"
+            db.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+                " series_instance_uid, transfer_syntax, calling_ae, path, sha256, size_bytes,"
+                " patient_name, patient_id, modality, state, received_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'received',?,?)",
+                (new.sop_instance_uid, new.sop_class_uid, new.study_instance_uid,
+                 new.series_instance_uid, new.transfer_syntax, new.calling_ae, new.path, new.sha256,
+                 new.size_bytes, new.patient_name, new.patient_id, new.modality, now, now))
+            return "new"
+
+    def add_timings(self, sop_instance_uid: str, timings_ms: dict[str, float]) -> None:
+        """Merge per-stage timings (milliseconds) into the instance's record."""
+        with self._tx() as db:
+            row = db.execute("SELECT timings_json FROM instances WHERE sop_instance_uid=?",
+                             (sop_instance_uid,)).fetchone()
+            if row is None:
+                return
+            merged = json.loads(row["timings_json"] or "{}")
+            merged.update({k: round(float(v), 3) for k, v in timings_ms.items()})
+            db.execute("UPDATE instances SET timings_json=? WHERE sop_instance_uid=?",
+                       (json.dumps(merged, sort_keys=True), sop_instance_uid))
+
+    def claim_next_instance(self, *, now: float | None = None) -> InstanceRow | None:
+        """Move the oldest ``received`` instance to ``analyzing`` and return it."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT sop_instance_uid FROM instances WHERE state='received'"
+                             " ORDER BY received_at, rowid LIMIT 1").fetchone()
+            if row is None:
+                return None
+            uid = row["sop_instance_uid"]
+            db.execute("UPDATE instances SET state='analyzing', attempts=attempts+1, updated_at=?"
+                       " WHERE sop_instance_uid=?", (now, uid))
+            return InstanceRow(**dict(db.execute("SELECT * FROM instances WHERE sop_instance_uid=?",
+                                                 (uid,)).fetchone()))
+
+    def finish_instance(self, sop_instance_uid: str, state: str, *, reason: str | None = None,
+                        findings: dict[str, Any] | None = None,
+                        timings_ms: dict[str, float] | None = None,
+                        now: float | None = None) -> None:
+        """Record the final state of an analysis (analyzed, skipped or failed)."""
+        if state not in FINAL_INSTANCE_STATES:
+            raise ValueError(f"state: {state!r} is not a final state {FINAL_INSTANCE_STATES}")
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT timings_json FROM instances WHERE sop_instance_uid=?",
+                             (sop_instance_uid,)).fetchone()
+            if row is None:
+                raise KeyError(sop_instance_uid)
+            merged = json.loads(row["timings_json"] or "{}")
+            merged.update({k: round(float(v), 3) for k, v in (timings_ms or {}).items()})
+            db.execute("UPDATE instances SET state=?, reason=?, findings_json=?, timings_json=?,"
+                       " analyzed_at=?, updated_at=? WHERE sop_instance_uid=?",
+                       (state, reason, json.dumps(findings) if findings is not None else None,
+                        json.dumps(merged, sort_keys=True), now, now, sop_instance_uid))
+
+    def resume_interrupted(self) -> int:
+        """On start: instances left in ``analyzing`` go back to ``received``."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE instances SET state='received' WHERE state='analyzing'")
+            return cur.rowcount
+
+    def requeue_instance(self, sop_instance_uid: str) -> bool:
+        """Analyze an instance again (technician's "resend results")."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE instances SET state='received', reason=NULL, updated_at=?"
+                             " WHERE sop_instance_uid=? AND state IN ('analyzed','skipped','failed')",
+                             (time.time(), sop_instance_uid))
+            return cur.rowcount == 1
+
+    def list_instances(self, limit: int = 50, offset: int = 0, state: str | None = None) -> list[InstanceRow]:
+        """Newest first."""
+        sql = "SELECT * FROM instances"
+        args: list[Any] = []
+        if state:
+            sql += " WHERE state=?"
+            args.append(state)
+        sql += " ORDER BY received_at DESC, rowid DESC LIMIT ? OFFSET ?"
+        args += [int(limit), int(offset)]
+        return [InstanceRow(**dict(r)) for r in self._query(sql, args)]
+
+    def count_instances_by_state(self) -> dict[str, int]:
+        counts = {s: 0 for s in INSTANCE_STATES}
+        for r in self._query("SELECT state, COUNT(*) AS n FROM instances GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        return counts
+
+    # ------------------------------------------------------------------ deliveries
+    def add_deliveries(self, sop_instance_uid: str, objects: Iterable[tuple[str, str, str]],
+                       destinations: Iterable[str], *, now: float | None = None) -> int:
+        """Queue (object_type, result_uid, path) for each destination; existing rows are kept."""
+        now = time.time() if now is None else now
+        dests = list(destinations)
+        added = 0
+        with self._tx() as db:
+            for object_type, result_uid, path in objects:
+                for dest in dests:
+                    cur = db.execute(
+                        "INSERT OR IGNORE INTO deliveries (sop_instance_uid, object_type, result_uid,"
+                        " path, destination, state, created_at, updated_at, next_attempt_at)"
+                        " VALUES (?,?,?,?,?,'pending',?,?,?)",
+                        (sop_instance_uid, object_type, result_uid, path, dest, now, now, now))
+                    added += cur.rowcount
+        return added
+
+    def due_deliveries(self, *, now: float | None = None, limit: int = 50) -> list[DeliveryRow]:
+        now = time.time() if now is None else now
+        rows = self._query("SELECT * FROM deliveries WHERE state IN ('pending','retrying')"
+                           " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (now, limit))
+        return [DeliveryRow(**dict(r)) for r in rows]
+
+    def next_delivery_time(self) -> float | None:
+        rows = self._query("SELECT MIN(next_attempt_at) FROM deliveries WHERE state IN ('pending','retrying')")
+        return rows[0][0] if rows else None
+
+    def mark_delivery_sent(self, delivery_id: int, *, note: str | None = None, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE deliveries SET state='sent', attempts=attempts+1, sent_at=?, updated_at=?,"
+                       " last_error=? WHERE id=?", (now, now, note, delivery_id))
+
+    def mark_delivery_failed(self, delivery_id: int, error: str, *, retry_at: float | None,
+                             now: float | None = None) -> None:
+        """A failed attempt: ``retry_at`` None means give up (maximum age reached)."""
+        now = time.time() if now is None else now
+        state = "retrying" if retry_at is not None else "gave_up"
+        with self._tx() as db:
+            db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, updated_at=?,"
+                       " next_attempt_at=? WHERE id=?",
+                       (state, error[:500], now, retry_at if retry_at is not None else now, delivery_id))
+
+    def retry_delivery(self, delivery_id: int, *, now: float | None = None) -> bool:
+        """Technician's "retry now": a retrying or given-up delivery is due immediately."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute("UPDATE deliveries SET state='retrying', next_attempt_at=?, created_at=?,"
+                             " updated_at=? WHERE id=? AND state IN ('retrying','gave_up','pending')",
+                             (now, now, now, delivery_id))
+            return cur.rowcount == 1
+
+    def resend_instance_results(self, sop_instance_uid: str, *, now: float | None = None) -> int:
+        """Send every result object of an instance again to every destination."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute("UPDATE deliveries SET state='pending', next_attempt_at=?, created_at=?,"
+                             " updated_at=?, last_error=NULL WHERE sop_instance_uid=?",
+                             (now, now, now, sop_instance_uid))
+            return cur.rowcount
+
+    def deliveries_for(self, sop_instance_uid: str) -> list[DeliveryRow]:
+        rows = self._query("SELECT * FROM deliveries WHERE sop_instance_uid=? ORDER BY id", (sop_instance_uid,))
+        return [DeliveryRow(**dict(r)) for r in rows]
+
+    def get_delivery(self, delivery_id: int) -> DeliveryRow | None:
+        rows = self._query("SELECT * FROM deliveries WHERE id=?", (delivery_id,))
+        return DeliveryRow(**dict(rows[0])) if rows else None
+
+    def count_deliveries_by_state(self, destination: str | None = None) -> dict[str, int]:
+        counts = {s: 0 for s in DELIVERY_STATES}
+        sql = "SELECT state, COUNT(*) AS n FROM deliveries"
+        args: tuple = ()
+        if destination:
+            sql += " WHERE destination=?"
+            args = (destination,)
+        for r in self._query(sql + " GROUP BY state", args):
+            counts[r["state"]] = r["n"]
+        return counts
+
+    def oldest_pending_delivery_age(self, *, now: float | None = None) -> float | None:
+        """Seconds since the oldest undelivered result was queued, or None."""
+        now = time.time() if now is None else now
+        rows = self._query("SELECT MIN(created_at) FROM deliveries WHERE state IN ('pending','retrying')")
+        oldest = rows[0][0] if rows else None
+        return None if oldest is None else max(0.0, now - oldest)
+
+    def delivery_summary(self, sop_instance_uid: str) -> str:
+        """One word for the instance's results: none, pending, retrying, sent, gave_up."""
+        states = {d.state for d in self.deliveries_for(sop_instance_uid)}
+        for s in ("gave_up", "retrying", "pending", "sent"):
+            if s in states:
+                return s
+        return "none"
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT under the journal lock; ROLLBACK on error."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
+        self._db = db
+        self._lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()
