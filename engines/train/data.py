@@ -1,0 +1,269 @@
+"""Training data: phantoms rendered once, cached, then augmented on the fly.
+
+Each case is rendered by ``engines.train.phantom`` at a size somewhat above the model
+inputs and turned into a display-polarity unit image with ``phantom.unit_image`` (what the
+appliance does to a received image). Those unit images are cached (in memory and, keyed by
+the phantom source hash, on disk) because rendering dominates the CPU budget. Each training
+sample is then a random crop (small shift and scale), intensity change (contrast, gamma,
+brightness, as if another window were used), flip, noise and blur, passed through
+``engines.preprocess.to_model_input`` exactly as the appliance does.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engines.preprocess import resize_area, to_model_input
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 50  # cases per cache file
+
+
+@dataclass
+class RenderedCase:
+    """One phantom as the training code keeps it (coordinates in rendered pixels)."""
+
+    image: np.ndarray                 # float16 unit image, display polarity
+    tb: bool
+    tb_boxes: np.ndarray              # [K, 4] float32 boxes of the TB patterns
+    nodule_boxes: np.ndarray          # [M, 4] float32 nodule boxes
+    nodule_mm: np.ndarray             # [M] float32 nodule diameters in mm
+    seed: int = 0
+    tb_kinds: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sample:
+    """One augmented training sample at model-input resolution."""
+
+    tensor: np.ndarray                # [1, H, W] float32 (normalised model input)
+    tb: bool
+    tb_boxes: np.ndarray              # [K, 4] in model-input pixels
+    nodule_boxes: np.ndarray          # [M, 4] in model-input pixels
+
+
+def phantom_source_hash() -> str:
+    """Hash of the phantom generator's source, so a changed generator invalidates the cache."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(here.glob("phantom*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _boxes(items: Sequence[dict], key: str = "box") -> np.ndarray:
+    if not items:
+        return np.zeros((0, 4), np.float32)
+    return np.asarray([item[key] for item in items], dtype=np.float32).reshape(-1, 4)
+
+
+def render_case(seed: int, size: int) -> RenderedCase:
+    """Render one phantom at ``size`` columns and keep its unit image and truth."""
+    from engines.train import phantom
+
+    case = phantom.generate_case(seed, size=size)
+    unit = phantom.unit_image(case)
+    return RenderedCase(
+        image=unit.astype(np.float16),
+        tb=bool(case.tb),
+        tb_boxes=_boxes(case.tb_patterns),
+        nodule_boxes=_boxes(case.nodules),
+        nodule_mm=np.asarray([n["diameter_mm"] for n in case.nodules], np.float32),
+        seed=seed,
+        tb_kinds=[str(p.get("kind", "")) for p in case.tb_patterns],
+    )
+
+
+def _render_chunk(args: tuple[list[int], int]) -> list[RenderedCase]:
+    seeds, size = args
+    return [render_case(s, size) for s in seeds]
+
+
+def _chunk_path(cache_dir: Path, size: int, seeds: list[int]) -> Path:
+    key = f"{phantom_source_hash()}-{size}-{seeds[0]}-{seeds[-1]}-{len(seeds)}"
+    return cache_dir / f"phantoms-{key}.npz"
+
+
+def _save_chunk(path: Path, cases: list[RenderedCase]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for i, c in enumerate(cases):
+        arrays[f"image{i}"] = c.image
+        arrays[f"tbb{i}"] = c.tb_boxes
+        arrays[f"nb{i}"] = c.nodule_boxes
+        arrays[f"nmm{i}"] = c.nodule_mm
+    arrays["tb"] = np.asarray([c.tb for c in cases])
+    arrays["seeds"] = np.asarray([c.seed for c in cases], np.int64)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_chunk(path: Path) -> list[RenderedCase]:
+    with np.load(path) as data:
+        return [RenderedCase(image=data[f"image{i}"], tb=bool(data["tb"][i]),
+                             tb_boxes=data[f"tbb{i}"], nodule_boxes=data[f"nb{i}"],
+                             nodule_mm=data[f"nmm{i}"], seed=int(data["seeds"][i]))
+                for i in range(len(data["seeds"]))]
+
+
+def render_cases(seeds: Sequence[int], size: int, *, workers: int = 2,
+                 cache_dir: Path | None = None) -> list[RenderedCase]:
+    """Render (or load from ``cache_dir``) the phantoms for ``seeds`` at ``size`` columns."""
+    seeds = [int(s) for s in seeds]
+    chunks = [seeds[i:i + CHUNK] for i in range(0, len(seeds), CHUNK)]
+    results: dict[int, list[RenderedCase]] = {}
+    todo: list[int] = []
+    for k, chunk in enumerate(chunks):
+        path = _chunk_path(cache_dir, size, chunk) if cache_dir else None
+        if path is not None and path.exists():
+            try:
+                results[k] = _load_chunk(path)
+                continue
+            except (OSError, ValueError, KeyError) as exc:
+                logger.warning("ignoring unreadable cache file %s: %s", path, exc)
+        todo.append(k)
+    if todo:
+        logger.info("rendering %d phantoms at size %d (%d cached)", sum(len(chunks[k]) for k in todo),
+                    size, len(seeds) - sum(len(chunks[k]) for k in todo))
+        if cache_dir:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
+            for k, cases in zip(todo, pool.map(_render_chunk, [(chunks[k], size) for k in todo])):
+                results[k] = cases
+                if cache_dir:
+                    _save_chunk(_chunk_path(cache_dir, size, chunks[k]), cases)
+    return [case for k in range(len(chunks)) for case in results[k]]
+
+
+def _box_blur(image: np.ndarray) -> np.ndarray:
+    """3x3 box blur with edge padding (mild detector-MTF variation)."""
+    padded = np.pad(image, 1, mode="edge")
+    out = np.zeros_like(image)
+    for dy in range(3):
+        for dx in range(3):
+            out += padded[dy:dy + image.shape[0], dx:dx + image.shape[1]]
+    return out / 9.0
+
+
+def _transform_boxes(boxes: np.ndarray, x0: float, y0: float, sx: float, sy: float,
+                     width: int, height: int, flip: bool) -> np.ndarray:
+    """Map boxes from rendered pixels through crop + resize (+ flip); clip to the input."""
+    if len(boxes) == 0:
+        return boxes.reshape(0, 4)
+    out = boxes.copy()
+    out[:, [0, 2]] = (out[:, [0, 2]] - x0) * sx
+    out[:, [1, 3]] = (out[:, [1, 3]] - y0) * sy
+    if flip:
+        out[:, [0, 2]] = width - out[:, [2, 0]]
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height)
+    return out
+
+
+def augment(case: RenderedCase, height: int, width: int, rng: np.random.Generator, *,
+            mean: float = 0.5, std: float = 0.25, strength: float = 1.0) -> Sample:
+    """Random crop/shift/scale, intensity, flip, noise and blur, then ``to_model_input``.
+
+    ``strength=0`` gives the plain appliance preprocessing (used for validation).
+    """
+    image = case.image.astype(np.float32)
+    rows, cols = image.shape
+    if strength > 0:
+        scale_x = rng.uniform(1.0 - 0.12 * strength, 1.0)
+        scale_y = float(np.clip(scale_x * rng.uniform(1 - 0.06 * strength, 1 + 0.06 * strength),
+                                0.8, 1.0))
+        cw, ch = int(round(cols * scale_x)), int(round(rows * scale_y))
+        x0 = int(rng.integers(0, cols - cw + 1))
+        y0 = int(rng.integers(0, rows - ch + 1))
+        crop = image[y0:y0 + ch, x0:x0 + cw]
+    else:
+        x0 = y0 = 0
+        ch, cw = rows, cols
+        crop = image
+    resized = resize_area(crop, height, width)
+    flip = bool(strength > 0 and rng.random() < 0.5)
+    if flip:
+        resized = resized[:, ::-1]
+    if strength > 0:
+        gamma = math.exp(rng.normal(0.0, 0.2 * strength))
+        contrast = math.exp(rng.normal(0.0, 0.15 * strength))
+        shift = rng.normal(0.0, 0.05 * strength)
+        resized = np.clip(resized, 0.0, 1.0) ** gamma
+        resized = (resized - 0.5) * contrast + 0.5 + shift
+        if rng.random() < 0.3 * strength:
+            resized = _box_blur(resized)
+        sigma = rng.uniform(0.0, 0.02 * strength)
+        if sigma > 0:
+            resized = resized + rng.normal(0.0, sigma, resized.shape).astype(np.float32)
+        resized = np.clip(resized, 0.0, 1.0)
+    tensor = to_model_input(np.ascontiguousarray(resized, dtype=np.float32), height, width, mean, std)[0]
+    sx, sy = width / cw, height / ch
+    return Sample(
+        tensor=tensor,
+        tb=case.tb,
+        tb_boxes=_transform_boxes(case.tb_boxes, x0, y0, sx, sy, width, height, flip),
+        nodule_boxes=_transform_boxes(case.nodule_boxes, x0, y0, sx, sy, width, height, flip),
+    )
+
+
+def tb_mask(boxes: np.ndarray, height: int, width: int, stride: int) -> np.ndarray:
+    """Weak-supervision target for the TB heatmap: fraction of each cell covered by a pattern box."""
+    mh, mw = height // stride, width // stride
+    mask = np.zeros((mh, mw), np.float32)
+    ys = (np.arange(mh, dtype=np.float32) + 0.5) * stride
+    xs = (np.arange(mw, dtype=np.float32) + 0.5) * stride
+    for x1, y1, x2, y2 in boxes:
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            continue
+        inside = ((ys[:, None] >= y1) & (ys[:, None] <= y2)) & ((xs[None, :] >= x1) & (xs[None, :] <= x2))
+        mask[inside] = 1.0
+    return mask
+
+
+def gaussian_radius(w: float, h: float, min_overlap: float = 0.7) -> float:
+    """CenterNet's radius (in cells) for a box of ``w`` x ``h`` cells."""
+    a1, b1, c1 = 1.0, h + w, w * h * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + math.sqrt(b1 ** 2 - 4 * a1 * c1)) / 2
+    a2, b2, c2 = 4.0, 2 * (h + w), (1 - min_overlap) * w * h
+    r2 = (b2 + math.sqrt(b2 ** 2 - 4 * a2 * c2)) / 2
+    a3, b3, c3 = 4 * min_overlap, -2 * min_overlap * (h + w), (min_overlap - 1) * w * h
+    r3 = (b3 + math.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return min(r1, r2, r3)
+
+
+def centernet_targets(boxes: np.ndarray, height: int, width: int,
+                      stride: int) -> dict[str, np.ndarray]:
+    """Dense CenterNet targets: heatmap [1,h,w], size [2,h,w], offset [2,h,w], mask [1,h,w]."""
+    mh, mw = height // stride, width // stride
+    heat = np.zeros((1, mh, mw), np.float32)
+    size = np.zeros((2, mh, mw), np.float32)
+    offset = np.zeros((2, mh, mw), np.float32)
+    mask = np.zeros((1, mh, mw), np.float32)
+    yy, xx = np.mgrid[0:mh, 0:mw].astype(np.float32)
+    for x1, y1, x2, y2 in boxes:
+        w, h = float(x2 - x1), float(y2 - y1)
+        if w < 1 or h < 1:
+            continue
+        cx, cy = (x1 + x2) / 2 / stride, (y1 + y2) / 2 / stride
+        ci, cj = min(int(cy), mh - 1), min(int(cx), mw - 1)
+        radius = max(0.0, gaussian_radius(w / stride, h / stride))
+        sigma = (2 * int(radius) + 1) / 6.0
+        g = np.exp(-((xx - cj) ** 2 + (yy - ci) ** 2) / (2 * sigma ** 2))
+        heat[0] = np.maximum(heat[0], g)
+        heat[0, ci, cj] = 1.0
+        size[:, ci, cj] = (w, h)
+        offset[:, ci, cj] = (cx - cj, cy - ci)
+        mask[0, ci, cj] = 1.0
+    return {"heatmap": heat, "size": size, "offset": offset, "mask": mask}
