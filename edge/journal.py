@@ -200,7 +200,8 @@ class Journal:
         rows = self._query("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return InstanceRow(**dict(rows[0])) if rows else None
 
-    def record_received(self, new: NewInstance, *, now: float | None = None) -> str:
+    def record_received(self, new: NewInstance, *, now: float | None = None,
+                        timings_ms: dict[str, float] | None = None) -> str:
         """Insert a stored instance; returns "new", "duplicate" (same bytes) or "replaced".
 
         A re-sent instance with the same bytes keeps its row and state (not analyzed
@@ -208,6 +209,7 @@ class Journal:
         version and are analyzed again.
         """
         now = time.time() if now is None else now
+        timings = json.dumps({k: round(float(v), 3) for k, v in (timings_ms or {}).items()}, sort_keys=True)
         with self._tx() as db:
             row = db.execute("SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
                              (new.sop_instance_uid,)).fetchone()
@@ -218,20 +220,21 @@ class Journal:
                     "UPDATE instances SET sop_class_uid=?, study_instance_uid=?, series_instance_uid=?,"
                     " transfer_syntax=?, calling_ae=?, path=?, sha256=?, size_bytes=?, patient_name=?,"
                     " patient_id=?, modality=?, state='received', reason=NULL, received_at=?,"
-                    " updated_at=?, analyzed_at=NULL, attempts=0, findings_json=NULL, timings_json='{}'"
+                    " updated_at=?, analyzed_at=NULL, attempts=0, findings_json=NULL, timings_json=?"
                     " WHERE sop_instance_uid=?",
                     (new.sop_class_uid, new.study_instance_uid, new.series_instance_uid,
                      new.transfer_syntax, new.calling_ae, new.path, new.sha256, new.size_bytes,
-                     new.patient_name, new.patient_id, new.modality, now, now, new.sop_instance_uid))
+                     new.patient_name, new.patient_id, new.modality, now, now, timings,
+                     new.sop_instance_uid))
                 return "replaced"
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
                 " series_instance_uid, transfer_syntax, calling_ae, path, sha256, size_bytes,"
-                " patient_name, patient_id, modality, state, received_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'received',?,?)",
+                " patient_name, patient_id, modality, state, received_at, updated_at, timings_json)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'received',?,?,?)",
                 (new.sop_instance_uid, new.sop_class_uid, new.study_instance_uid,
                  new.series_instance_uid, new.transfer_syntax, new.calling_ae, new.path, new.sha256,
-                 new.size_bytes, new.patient_name, new.patient_id, new.modality, now, now))
+                 new.size_bytes, new.patient_name, new.patient_id, new.modality, now, now, timings))
             return "new"
 
     def add_timings(self, sop_instance_uid: str, timings_ms: dict[str, float]) -> None:

@@ -1,0 +1,201 @@
+"""The ``edge`` command: serve, demo, analyze, jobs, echo, engines.
+
+``main(args=None)`` with an argparse builder, so tests call it with an argv list.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+logger = logging.getLogger(__name__)
+
+
+def _add_config(p: argparse.ArgumentParser, top: bool = False) -> None:
+    p.add_argument("--config", "-c", metavar="FILE",
+                   default=None if top else argparse.SUPPRESS,
+                   help="TOML configuration file (default: built-in defaults)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge", description="Edge AI appliance for X-ray rooms: receives chest X-rays over "
+        "DICOM, screens them for TB and lung nodules, and sends the results to the PACS.")
+    parser.add_argument("--version", action="version", version=f"edge {__version__}")
+    _add_config(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the appliance (DICOM listener, analysis, delivery, web)")
+    _add_config(p)
+
+    p = sub.add_parser("demo", help="start the appliance, send it sample chest X-rays, keep serving")
+    _add_config(p)
+    p.add_argument("--count", type=int, default=4, help="number of sample images (default 4)")
+    p.add_argument("--exit-after", type=float, default=None, metavar="SECONDS",
+                   help="stop after this many seconds instead of serving until Ctrl-C")
+
+    p = sub.add_parser("analyze", help="analyze one DICOM file and print the findings")
+    _add_config(p)
+    p.add_argument("file", help="DICOM file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("jobs", help="list received instances and their states, newest first")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--state", choices=("received", "analyzing", "analyzed", "skipped", "failed"))
+
+    p = sub.add_parser("echo", help="C-ECHO a configured destination")
+    _add_config(p)
+    p.add_argument("destination", help="destination name from the config")
+
+    p = sub.add_parser("engines", help="inference engines: build, list, verify")
+    _add_config(p)
+    try:
+        from engines import commands as engine_commands
+    except ImportError:   # pragma: no cover - engines package incomplete
+        engine_commands = None
+    if engine_commands is not None:
+        engine_commands.add_arguments(p)
+    return parser
+
+
+def setup_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=getattr(logging, config.logging.level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom's INFO/DEBUG lines echo request details; keep them out of the service log.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    try:
+        config = load_config(ns.config)
+    except ConfigError as exc:
+        print(f"edge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    handler = _COMMANDS[ns.command]
+    try:
+        return handler(ns, config)
+    except ConfigError as exc:
+        print(f"edge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------- commands
+
+def cmd_serve(ns, config: Config) -> int:
+    from .service import Appliance
+    setup_logging(config)
+    app = Appliance(config).start()
+    app.serve_forever()
+    return 0
+
+
+def cmd_demo(ns, config: Config) -> int:
+    from .demo import run_demo
+    setup_logging(config)
+    return run_demo(config, count=ns.count, exit_after=ns.exit_after)
+
+
+def cmd_analyze(ns, config: Config) -> int:
+    from .analysis import analyze_main
+    from .triage import TriageRules
+    logging.basicConfig(level=logging.WARNING)
+    t = config.triage
+    rules = TriageRules(modalities=t.modalities, body_parts=t.body_parts, views=t.views,
+                        min_age_years=t.min_age_years, min_side_px=t.min_side_px,
+                        max_side_px=t.max_side_px)
+    return analyze_main(ns.file, as_json=ns.json, models_dir=config.models_dir,
+                        backend=config.models.backend, tb_threshold=config.models.tb_threshold,
+                        triage_rules=rules)
+
+
+def _fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def cmd_jobs(ns, config: Config) -> int:
+    from .journal import Journal
+    if not config.journal_path.exists():
+        rows = []
+    else:
+        journal = Journal(config.journal_path)
+        try:
+            rows = journal.list_instances(limit=ns.limit, state=ns.state)
+            deliveries = {r.sop_instance_uid: journal.delivery_summary(r.sop_instance_uid) for r in rows}
+        finally:
+            journal.close()
+    if ns.json:
+        out = []
+        for r in rows:
+            d = r.to_dict()
+            d["delivery"] = deliveries[r.sop_instance_uid]
+            out.append(d)
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    if not rows:
+        print(f"no instances received yet (journal: {config.journal_path})")
+        return 0
+    print(f"{'received':19}  {'state':9}  {'TB':14}  {'nod':3}  {'delivery':8}  {'calling AE':16}  "
+          f"SOP Instance UID / reason")
+    for r in rows:
+        f = r.findings or {}
+        tb = f.get("tb") or {}
+        tb_text = (f"{'REFER' if tb.get('positive') else 'no signs'} {tb.get('score', 0):.2f}"
+                   if tb else "-")
+        nod = str(len(f.get("nodules", []))) if r.state == "analyzed" else "-"
+        tail = r.sop_instance_uid + (f"  ({r.reason})" if r.reason else "")
+        print(f"{_fmt_time(r.received_at):19}  {r.state:9}  {tb_text:14}  {nod:>3}  "
+              f"{deliveries[r.sop_instance_uid]:8}  {r.calling_ae:16}  {tail}")
+    return 0
+
+
+def cmd_echo(ns, config: Config) -> int:
+    from dicom_node.scu import Peer, echo
+    dest = config.destination(ns.destination)
+    peer = Peer(ae_title=dest.ae_title, host=dest.host, port=dest.port,
+                calling_ae_title=dest.calling_ae_title or config.node.ae_title,
+                timeout_s=min(config.delivery.timeout_s, 15.0))
+    started = time.perf_counter()
+    outcome = echo(peer)
+    ms = (time.perf_counter() - started) * 1000
+    if outcome.delivered:
+        print(f"{dest.name}: OK ({outcome.message}, {ms:.0f} ms)")
+        return 0
+    print(f"{dest.name}: FAILED - {outcome.message}. Check the PACS is running and knows "
+          f"AE title {peer.calling_ae_title} at this box's address.", file=sys.stderr)
+    return 1
+
+
+def cmd_engines(ns, config: Config) -> int:
+    from engines import commands as engine_commands
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    return engine_commands.run(ns, models_dir=config.models_dir, cache_dir=config.engine_cache_dir,
+                               backend=config.models.backend)
+
+
+_COMMANDS = {
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "analyze": cmd_analyze,
+    "jobs": cmd_jobs,
+    "echo": cmd_echo,
+    "engines": cmd_engines,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

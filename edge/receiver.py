@@ -1,0 +1,86 @@
+"""What the appliance does with each instance the DICOM node receives: persist, journal, wake.
+
+Order matters for durability: the file is durable before the journal row is committed,
+and the SCP answers success only after both. Anything else answers a failure status so
+the modality sends again.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from dicom_node.scp import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, ReceivedInstance, StoreResult
+
+from .journal import Journal, NewInstance
+from .storage import Spool
+
+logger = logging.getLogger(__name__)
+
+
+def _text(ds, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value)
+
+
+class Receiver:
+    """The C-STORE callback: ``Receiver(...)(received) -> StoreResult``."""
+
+    def __init__(self, journal: Journal, spool: Spool, *,
+                 on_new: Callable[[str], None] | None = None,
+                 on_received: Callable[[str], None] | None = None,
+                 observe_stage: Callable[[str, float], None] | None = None):
+        self.journal = journal
+        self.spool = spool
+        self._on_new = on_new or (lambda uid: None)
+        self._on_received = on_received or (lambda calling_ae: None)
+        self._observe = observe_stage or (lambda stage, seconds: None)
+        self._lock = threading.Lock()
+
+    def __call__(self, received: ReceivedInstance) -> StoreResult:
+        data = received.encoded
+        if not self.spool.has_room_for(len(data)):
+            logger.error("disk below its reserve of %d MB: refusing new images (0xA700) until "
+                         "space is freed", self.spool.min_free_mb)
+            return StoreResult(OUT_OF_RESOURCES, "Disk full on AI box: not stored, resend later")
+        ds = received.dataset
+        digest = Spool.digest(data)
+        # Serialise per appliance: two associations sending the same UID must not interleave
+        # between the duplicate check and the write.
+        with self._lock:
+            existing = self.journal.find_instance(received.sop_instance_uid)
+            if existing is not None and existing.sha256 == digest:
+                logger.info("instance resent with identical bytes: acknowledged, not analyzed again")
+                self._on_received(received.calling_ae)
+                return StoreResult(SUCCESS)
+            rel = self.spool.store(str(ds.StudyInstanceUID), received.sop_instance_uid, data)
+            store_s = time.perf_counter() - received.receive_started if received.receive_started else 0.0
+            new = NewInstance(
+                sop_instance_uid=received.sop_instance_uid,
+                sop_class_uid=received.sop_class_uid,
+                study_instance_uid=str(ds.StudyInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                transfer_syntax=received.transfer_syntax_uid,
+                calling_ae=received.calling_ae,
+                path=rel,
+                sha256=digest,
+                size_bytes=len(data),
+                patient_name=_text(ds, "PatientName"),
+                patient_id=_text(ds, "PatientID"),
+                modality=_text(ds, "Modality"),
+            )
+            try:
+                outcome = self.journal.record_received(new, timings_ms={"store": store_s * 1000.0})
+            except Exception:
+                logger.exception("journal write failed; the instance is not acknowledged")
+                if existing is None:
+                    self.spool.absolute(rel).unlink(missing_ok=True)
+                return StoreResult(PROCESSING_FAILURE, "Journal error on AI box: resend later")
+        self._observe("store", store_s)
+        self._on_received(received.calling_ae)
+        if outcome == "replaced":
+            logger.warning("instance resent with different content: the new version replaces "
+                           "the old one and is analyzed again")
+        self._on_new(received.sop_instance_uid)
+        return StoreResult(SUCCESS)

@@ -1,0 +1,197 @@
+"""Shared fixtures: free ports, temp configs, a running ``edge serve``, small DX images."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGE = [sys.executable, "-m", "edge.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} did not open within {timeout} s")
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, sections: dict, destinations: list[dict] | None = None) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    for d in destinations or []:
+        lines.append("[[destinations]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in d.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def make_dx(path: Path | None = None, *, rows: int = 256, cols: int = 256, seed: int = 0,
+            patient_name: str = "TEST^PATIENT", study_uid: str | None = None,
+            sop_uid: str | None = None, modality: str = "DX", view: str = "PA",
+            body_part: str = "CHEST", photometric: str = "MONOCHROME2",
+            charset: str | None = None) -> Dataset:
+    """A small, valid DX For Presentation image with a smooth pattern."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols]
+    img = (2000 + 800 * np.sin(x / 17.0) * np.cos(y / 23.0) + rng.normal(0, 20, (rows, cols)))
+    pixels = np.clip(img, 0, 4095).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    sop_uid = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = f"PID{seed:05d}"
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "F"
+    ds.PatientAge = "045Y"
+    ds.StudyDate = ds.ContentDate = "20261125"
+    ds.StudyTime = ds.ContentTime = "101010"
+    ds.AccessionNumber = f"ACC{seed}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Modality = modality
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = view
+    ds.Manufacturer = "TEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImagerPixelSpacing = [0.15, 0.15]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.WindowCenter, ds.WindowWidth = 2000, 2000
+    ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
+    ds.PixelData = pixels.tobytes()
+    if path is not None:
+        ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+class EdgeServer:
+    """``edge serve`` as a subprocess on free loopback ports."""
+
+    def __init__(self, tmp: Path, *, node: dict | None = None, storage: dict | None = None,
+                 extra: dict | None = None, destinations: list[dict] | None = None):
+        self.tmp = Path(tmp)
+        self.port = free_port()
+        self.web_port = free_port()
+        self.data_dir = self.tmp / "edge-data"
+        sections = {
+            "node": {"ae_title": "EDGE_AI", "host": "127.0.0.1", "port": self.port, **(node or {})},
+            "storage": {"dir": str(self.data_dir), "min_free_mb": 0, **(storage or {})},
+            "web": {"host": "127.0.0.1", "port": self.web_port},
+            "logging": {"level": "INFO"},
+        }
+        for k, v in (extra or {}).items():
+            sections.setdefault(k, {}).update(v)
+        self.config = write_config(self.tmp / "edge.toml", sections, destinations)
+        self.proc: subprocess.Popen | None = None
+        self.log = self.tmp / "serve.log"
+
+    def start(self, timeout: float = 60.0) -> "EdgeServer":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._log_fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(EDGE + ["serve", "--config", str(self.config)], cwd=self.tmp,
+                                     stdout=self._log_fh, stderr=subprocess.STDOUT, env=env)
+        wait_for_port(self.port, timeout, self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log_fh", None):
+            self._log_fh.close()
+
+    def edge(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(EDGE + ["--config", str(self.config), *args], cwd=self.tmp,
+                              capture_output=True, text=True, check=check, timeout=120)
+
+    def jobs(self) -> list[dict]:
+        import json
+        return json.loads(self.edge("jobs", "--json", "--limit", "1000").stdout)
+
+    def storescu(self, *files: Path, calling: str = "MODALITY", called: str = "EDGE_AI",
+                 extra: list[str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["storescu", "-aet", calling, "-aec", called, *(extra or []),
+                               "127.0.0.1", str(self.port), *map(str, files)],
+                              capture_output=True, text=True, timeout=120)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (run `make test`, which installs it)")
+    return path
+
+
+@pytest.fixture
+def edge_server(tmp_path):
+    servers: list[EdgeServer] = []
+
+    def factory(**kw) -> EdgeServer:
+        srv = EdgeServer(tmp_path, **kw)
+        servers.append(srv)
+        return srv
+
+    yield factory
+    for srv in servers:
+        srv.stop()
