@@ -1,0 +1,171 @@
+"""The Grayscale Softcopy Presentation State that draws the findings over the source.
+
+A viewer that renders GSPS shows the original image, windowed like the source (the
+source's VOI is copied; MONOCHROME1 gets an INVERSE presentation LUT so it keeps its
+look), with a graphic layer "AI": a closed box and a label per nodule, and the TB line
+at the top left. Coordinates are the source's full-resolution pixel coordinates.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.pixels import pack_bits
+from pydicom.valuerep import DA, TM
+
+from edge.findings import Findings
+
+from . import common
+from .common import Equipment
+from .uids import result_series_uid, result_uid, tracking_uid
+
+logger = logging.getLogger(__name__)
+
+LAYER_NAME = "AI"
+CONTENT_LABEL = "AI_RESULTS"
+
+
+def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Equipment(),
+               analysis_time: datetime.datetime | None = None,
+               ) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    """Build the presentation state for one analysed image (same inputs, same bytes)."""
+    rows, columns = common.check_inputs(source, findings)
+    if not isinstance(equipment, Equipment):
+        raise TypeError(f"equipment must be an Equipment, got {type(equipment).__name__}")
+    if int(source.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError("source must be a grayscale image (SamplesPerPixel 1) for a GSPS")
+    versions = common.model_versions(findings)
+    demo = common.is_demonstration(findings)
+    when = common.content_datetime(source, analysis_time)
+
+    layer = hd.pr.GraphicLayer(
+        layer_name=LAYER_NAME, order=1,
+        description="AI findings" + (f" - {common.DEMO_NOTE}" if demo else ""),
+    )
+    graphics, texts = _nodule_objects(source, findings, versions, rows, columns)
+    texts.extend(_summary_texts(findings, demo))
+    annotation = hd.pr.GraphicAnnotation(
+        referenced_images=[source], graphic_layer=layer,
+        graphic_objects=graphics or None, text_objects=texts,
+    )
+    monochrome1 = source.get("PhotometricInterpretation") == "MONOCHROME1"
+    presentation_lut = hd.PresentationLUTTransformation(
+        presentation_lut_shape=(hd.PresentationLUTShapeValues.INVERSE if monochrome1
+                                else hd.PresentationLUTShapeValues.IDENTITY))
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[source],
+        series_instance_uid=result_series_uid(source.StudyInstanceUID, "gsps", versions),
+        series_number=common.SERIES_NUMBERS["gsps"],
+        sop_instance_uid=result_uid(source.SOPInstanceUID, versions, "gsps"),
+        instance_number=common.instance_number(source),
+        manufacturer=equipment.manufacturer,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_version,
+        device_serial_number=equipment.device_serial_number,
+        institution_name=equipment.institution_name,
+        content_label=CONTENT_LABEL,
+        content_description=("AI findings" + (f" - {common.DEMO_NOTE}" if demo else ""))[:64],
+        graphic_annotations=[annotation],
+        graphic_layers=[layer],
+        presentation_lut_transformation=presentation_lut,
+        series_description=common.series_description("gsps", demo),
+        series_date=when.date(),
+        series_time=when.time(),
+        coding_schemes=common.coding_schemes(),
+    )
+    _add_box_overlay(gsps, findings, rows, columns)
+    common.copy_series_anatomy(gsps, source)
+    gsps.PresentationCreationDate = DA(when.date())
+    gsps.PresentationCreationTime = TM(when.time())
+    common.finish(gsps, source, equipment, when)
+    logger.debug("built GSPS %s for %s", gsps.SOPInstanceUID, source.SOPInstanceUID)
+    return gsps
+
+
+def _add_box_overlay(gsps: Dataset, findings: Findings, rows: int, columns: int) -> None:
+    """Also draw the boxes as an overlay plane activated on the "AI" layer.
+
+    Renderers that apply overlays but not graphic annotations (DCMTK's dcmp2pgm, some
+    older viewers) then still show where the nodules are; in viewers that render both,
+    the overlay coincides with the graphic boxes.
+    """
+    if not findings.nodules:
+        return
+    bitmap = np.zeros((rows, columns), dtype=np.uint8)
+    thickness = max(2, round(min(rows, columns) / 400))
+    for nodule in findings.nodules:
+        x1, y1, x2, y2 = common.clip_box(nodule.box, rows, columns)
+        c1, r1 = int(np.floor(x1)), int(np.floor(y1))
+        c2, r2 = max(int(np.ceil(x2)), c1 + 1), max(int(np.ceil(y2)), r1 + 1)
+        bitmap[r1:r2, c1:min(c1 + thickness, c2)] = 1
+        bitmap[r1:r2, max(c2 - thickness, c1):c2] = 1
+        bitmap[r1:min(r1 + thickness, r2), c1:c2] = 1
+        bitmap[max(r2 - thickness, r1):r2, c1:c2] = 1
+    gsps.add_new(0x60000010, "US", rows)            # OverlayRows
+    gsps.add_new(0x60000011, "US", columns)         # OverlayColumns
+    gsps.add_new(0x60000022, "LO", "AI nodule boxes")  # OverlayDescription
+    gsps.add_new(0x60000040, "CS", "G")             # OverlayType: graphics
+    gsps.add_new(0x60000050, "SS", [1, 1])          # OverlayOrigin
+    gsps.add_new(0x60000100, "US", 1)               # OverlayBitsAllocated
+    gsps.add_new(0x60000102, "US", 0)               # OverlayBitPosition
+    gsps.add_new(0x60001001, "CS", LAYER_NAME)      # OverlayActivationLayer
+    gsps.add_new(0x60001500, "LO", "AI")            # OverlayLabel
+    gsps.add_new(0x60003000, "OW", pack_bits(bitmap.ravel()))  # OverlayData
+
+
+def _nodule_objects(source: Dataset, findings: Findings, versions: list[str], rows: int,
+                    columns: int) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
+    """A closed box and a label above it (below it at the top edge) per nodule."""
+    graphics: list[hd.pr.GraphicObject] = []
+    texts: list[hd.pr.TextObject] = []
+    text_height = max(12.0, round(rows * 0.03))
+    for index, nodule in enumerate(findings.nodules, start=1):
+        box = common.clip_box(nodule.box, rows, columns)
+        if box[0] == box[2] or box[1] == box[3]:
+            raise ValueError(f"nodule {index} box {nodule.box!r} is empty inside the image")
+        uid = tracking_uid(source.SOPInstanceUID, versions, f"nodule-{index}")
+        graphics.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=common.box_polyline(box),
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+            tracking_id=f"Nodule {index}", tracking_uid=uid,
+        ))
+        label = common.nodule_label(nodule)
+        width = min(float(columns), max(box[2] - box[0], text_height * 0.6 * len(label)))
+        left = min(box[0], columns - width)
+        if box[1] >= text_height:
+            top, bottom = box[1] - text_height, box[1]
+        else:
+            top, bottom = box[3], min(float(rows), box[3] + text_height)
+        texts.append(hd.pr.TextObject(
+            text_value=label, units=hd.pr.AnnotationUnitsValues.PIXEL,
+            bounding_box=(round(left, 2), round(top, 2), round(left + width, 2),
+                          round(bottom, 2)),
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+            tracking_id=f"Nodule {index} label", tracking_uid=tracking_uid(
+                source.SOPInstanceUID, versions, f"nodule-{index}-label"),
+        ))
+    return graphics, texts
+
+
+def _summary_texts(findings: Findings, demo: bool) -> list[hd.pr.TextObject]:
+    """TB line at the top left of the displayed area, then the not-for-diagnosis note."""
+    lines = []
+    tb_line = common.tb_label(findings)
+    if tb_line is not None:
+        lines.append(tb_line)
+    lines.append(f"{len(findings.nodules)} nodule(s) marked" if findings.nodules
+                 else "No nodules marked")
+    lines.append("AI result - not for diagnosis" + (" (demonstration model)" if demo else ""))
+    texts = []
+    for number, line in enumerate(lines):
+        top = 0.01 + 0.045 * number
+        texts.append(hd.pr.TextObject(
+            text_value=line, units=hd.pr.AnnotationUnitsValues.DISPLAY,
+            bounding_box=(0.01, round(top, 3), 0.75, round(top + 0.04, 3)),
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+        ))
+    return texts

@@ -1,0 +1,101 @@
+"""The Secondary Capture: the image with the findings burned in, for any viewer.
+
+8-bit MONOCHROME2 (the most widely displayed form), reduced to ``max_side`` pixels, with
+the banner "AI result - not for diagnosis" and the TB decision above the image
+(``annotate.annotate_image``). Burned In Annotation is YES; no pixel spacing is given,
+because the reduced image is not meant for measuring.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM
+
+from edge.findings import Findings
+
+from . import common
+from .annotate import annotate_image
+from .common import Equipment
+from .uids import result_series_uid, result_uid
+
+logger = logging.getLogger(__name__)
+
+def build_sc(source: Dataset, findings: Findings, unit_image: np.ndarray, *,
+             equipment: Equipment = Equipment(), max_side: int = 1024,
+             analysis_time: datetime.datetime | None = None) -> hd.sc.SCImage:
+    """Build the secondary capture for one analysed image (same inputs, same bytes)."""
+    rows, columns = common.check_inputs(source, findings)
+    if not isinstance(equipment, Equipment):
+        raise TypeError(f"equipment must be an Equipment, got {type(equipment).__name__}")
+    versions = common.model_versions(findings)
+    demo = common.is_demonstration(findings)
+    when = common.content_datetime(source, analysis_time)
+    picture = annotate_image(unit_image, findings, max_side=max_side, color=False,
+                             full_size=(rows, columns))
+    pixels = np.asarray(picture, dtype=np.uint8)
+    orientation = _patient_orientation(source)
+
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=result_series_uid(source.StudyInstanceUID, "sc", versions),
+        series_number=common.SERIES_NUMBERS["sc"],
+        sop_instance_uid=result_uid(source.SOPInstanceUID, versions, "sc"),
+        instance_number=common.instance_number(source),
+        manufacturer=equipment.manufacturer,
+        # highdicom needs an orientation for PATIENT; replaced below when unknown.
+        patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_version,
+        device_serial_number=equipment.device_serial_number,
+        institution_name=equipment.institution_name,
+        series_description=common.series_description("sc", demo),
+        content_date=when.date(),
+        content_time=when.time(),
+        series_date=when.date(),
+        series_time=when.time(),
+        coding_schemes=common.coding_schemes(),
+    )
+    if orientation is None:
+        sc.PatientOrientation = ""   # type 2C: present, empty = unknown
+    sc.BurnedInAnnotation = "YES"
+    sc.DateOfSecondaryCapture = DA(when.date())
+    sc.TimeOfSecondaryCapture = TM(when.time())
+    sc.SecondaryCaptureDeviceManufacturer = equipment.manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = equipment.model_name
+    sc.SecondaryCaptureDeviceSoftwareVersions = equipment.software_version
+    sc.DerivationDescription = (
+        f"Source image reduced to {pixels.shape[1]}x{pixels.shape[0] } px with AI findings "
+        "and a banner burned in")[:1024]
+    sc.ImageComments = "AI result - not for diagnosis" + (f" - {common.DEMO_NOTE}" if demo else "")
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    common.copy_series_anatomy(sc, source)
+    common.finish(sc, source, equipment, when)
+    logger.debug("built SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
+    return sc
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation if it is two valid values, else None."""
+    value = source.get("PatientOrientation")
+    if not value or isinstance(value, str) or len(value) != 2:
+        return None
+    row, column = (str(v) for v in value)
+    try:
+        hd.PatientOrientationValuesBiped(row)
+        hd.PatientOrientationValuesBiped(column)
+    except ValueError:
+        return None
+    return row, column
