@@ -1,0 +1,252 @@
+"""``edge engines build|list|verify``: manage TensorRT engines and check the model store.
+
+- ``list``: every model folder with version, task, input size, sha256 ok/MISMATCH and the
+  runner the appliance would use (nothing is built).
+- ``build``: build (or reuse) the TensorRT engine of each model into the engine cache.
+- ``verify``: run the TensorRT engine and ONNX Runtime on the same reference input and
+  compare every output; exit 1 when a difference is above the tolerance.
+
+Exit codes: 0 ok, 1 a model failed (mismatch, build error, parity), 2 TensorRT or a GPU is
+missing here, or the request itself is invalid (e.g. INT8 without a calibration set).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from engines.builder import (DEFAULT_PRECISION, PRECISIONS, EngineBuildError, build_engine,
+                             check_precision, tensorrt_unavailable_reason)
+from engines.manifest import Manifest, ManifestError, ModelIntegrityError, load_manifest, read_verified_model
+from engines.preprocess import to_model_input
+from engines.runners.base import BackendUnavailable, Runner, RunnerError
+from engines.runners.onnxruntime_runner import OnnxRuntimeRunner
+from engines.store import describe_backend, model_folders
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_INPUT = "reference_input.npy"
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2}
+EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``build``, ``list`` and ``verify`` subcommands to ``parser``."""
+    sub = parser.add_subparsers(dest="engines_command", metavar="{build,list,verify}")
+    sub.required = True
+    build = sub.add_parser("build", help="build (or reuse) TensorRT engines into the engine cache")
+    build.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                       help="engine precision (default: fp16; int8 needs --calibration)")
+    build.add_argument("--calibration", type=Path, metavar="DIR",
+                       help="folder of .npy model-input tensors for INT8 calibration")
+    build.add_argument("--model", metavar="NAME", help="only this model (default: all)")
+    build.add_argument("--force", action="store_true", help="rebuild even when a cached engine is valid")
+    sub.add_parser("list", help="list models, their integrity and the runner that would be used")
+    verify = sub.add_parser("verify", help="compare TensorRT engines with onnxruntime on a reference input")
+    verify.add_argument("--tolerance", type=float, default=None,
+                        help="largest allowed output difference (default: 1e-2 for fp16, "
+                             "1e-3 for fp32, 5e-2 for int8)")
+    verify.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="precision of the engine to verify (default: fp16)")
+    verify.add_argument("--calibration", type=Path, metavar="DIR", help="calibration set of an int8 engine")
+    verify.add_argument("--model", metavar="NAME", help="only this model (default: all)")
+
+
+def reference_input(manifest: Manifest) -> np.ndarray:
+    """The model folder's ``reference_input.npy``, else a deterministic synthetic image.
+
+    The synthetic image is smooth (gradients, a bright disc, a faint ring) and goes through
+    the same preprocessing as a real one, so it exercises the network in its normal range.
+    """
+    path = manifest.folder / REFERENCE_INPUT
+    if path.is_file():
+        tensor = np.load(path).astype(np.float32)
+        if tensor.size != int(np.prod(manifest.input.shape)):
+            raise ManifestError(f"{path}: shape {list(tensor.shape)} does not match the model "
+                                f"input {list(manifest.input.shape)}")
+        return tensor.reshape(manifest.input.shape)
+    h, w = manifest.input.height, manifest.input.width
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = y / max(h - 1, 1), x / max(w - 1, 1)
+    unit = 0.35 + 0.25 * x + 0.15 * np.sin(6.0 * y)
+    r = np.hypot(x - 0.62, y - 0.40)
+    unit += 0.35 * (r < 0.08) + 0.1 * np.exp(-((r - 0.25) ** 2) / 0.002)
+    return to_model_input(np.clip(unit, 0.0, 1.0), h, w, manifest.input.mean, manifest.input.std)
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    name: str
+    max_abs_diff: float
+    scale: float          # max(1, max |reference|)
+    tolerance: float
+
+    @property
+    def scaled_diff(self) -> float:
+        """The difference relative to the output's magnitude when it exceeds 1 (pixel sizes)."""
+        return self.max_abs_diff / self.scale
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_abs_diff)) and self.scaled_diff <= self.tolerance
+
+
+def compare_runners(reference: Runner, candidate: Runner, inputs: dict[str, np.ndarray],
+                    names: list[str], tolerance: float) -> list[OutputDiff]:
+    """Run both runners on ``inputs`` and compare the outputs ``names``."""
+    expected, actual = reference.run(inputs), candidate.run(inputs)
+    diffs = []
+    for name in names:
+        ref = np.asarray(expected[name], dtype=np.float64)
+        got = np.asarray(actual[name], dtype=np.float64)
+        if ref.shape != got.shape:
+            raise RunnerError(f"output {name!r}: shape {list(got.shape)} differs from onnxruntime's "
+                              f"{list(ref.shape)}")
+        diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+        scale = max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+        diffs.append(OutputDiff(name, diff if np.isfinite(diff) else float("inf"), scale, tolerance))
+    return diffs
+
+
+def _selected(models_dir: Path, name: str | None, err: TextIO) -> list[Path] | None:
+    try:
+        folders = model_folders(models_dir)
+    except ManifestError as exc:
+        print(f"engines: {exc}", file=err)
+        return None
+    if name is not None:
+        folders = [f for f in folders if f.name == name]
+        if not folders:
+            print(f"engines: no model {name!r} in {models_dir}", file=err)
+            return None
+    if not folders:
+        print(f"engines: no model folders (with manifest.toml) in {models_dir}", file=err)
+        return None
+    return folders
+
+
+def _list(models_dir: Path, cache_dir: Path, backend: str, out: TextIO, err: TextIO) -> int:
+    folders = _selected(models_dir, None, err)
+    if folders is None:
+        return EXIT_FAILED
+    header = ("MODEL", "VERSION", "TASK", "INPUT", "SHA256", "RUNNER")
+    rows, problems = [], []
+    for folder in folders:
+        try:
+            manifest = load_manifest(folder)
+        except ManifestError as exc:
+            rows.append((folder.name, "-", "-", "-", "-", "ERROR (manifest)"))
+            problems.append(str(exc))
+            continue
+        try:
+            read_verified_model(manifest)
+            integrity = "ok"
+        except ModelIntegrityError as exc:
+            integrity = "MISSING" if "not found" in str(exc) else "MISMATCH"
+            problems.append(str(exc))
+        runner = describe_backend(manifest, backend, cache_dir) if integrity == "ok" else "none (not loadable)"
+        rows.append((manifest.name, manifest.version, manifest.task,
+                     f"{manifest.input.width}x{manifest.input.height}", integrity, runner))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+    for problem in problems:
+        print(f"problem: {problem}", file=err)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _unavailable(action: str, err: TextIO) -> int | None:
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        return None
+    print(f"engines {action}: TensorRT is not usable here: {reason}. Nothing was built; the "
+          "appliance runs the models with onnxruntime on this machine.", file=err)
+    return EXIT_UNAVAILABLE
+
+
+def _build(args: argparse.Namespace, models_dir: Path, cache_dir: Path, out: TextIO, err: TextIO) -> int:
+    try:
+        check_precision(args.precision, args.calibration)
+    except EngineBuildError as exc:
+        print(f"engines build: {exc}", file=err)
+        return EXIT_UNAVAILABLE
+    code = _unavailable("build", err)
+    if code is not None:
+        return code
+    folders = _selected(models_dir, args.model, err)
+    if folders is None:
+        return EXIT_FAILED
+    status = EXIT_OK
+    for folder in folders:
+        try:
+            result = build_engine(load_manifest(folder), cache_dir, precision=args.precision,
+                                  calibration_dir=args.calibration, force=args.force)
+        except (ManifestError, ModelIntegrityError, EngineBuildError, RunnerError, OSError) as exc:
+            print(f"{folder.name}: FAILED: {exc}", file=err)
+            status = EXIT_FAILED
+            continue
+        what = "cached, reused" if result.reused else f"built in {result.seconds:.1f} s"
+        print(f"{folder.name}: {args.precision} engine {result.path} ({what})", file=out)
+    return status
+
+
+def _verify(args: argparse.Namespace, models_dir: Path, cache_dir: Path, out: TextIO, err: TextIO) -> int:
+    try:
+        check_precision(args.precision, args.calibration)
+    except EngineBuildError as exc:
+        print(f"engines verify: {exc}", file=err)
+        return EXIT_UNAVAILABLE
+    code = _unavailable("verify", err)
+    if code is not None:
+        return code
+    folders = _selected(models_dir, args.model, err)
+    if folders is None:
+        return EXIT_FAILED
+    from engines.runners.tensorrt_runner import TensorRTRunner
+
+    tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.precision]
+    status = EXIT_OK
+    for folder in folders:
+        try:
+            manifest = load_manifest(folder)
+            result = build_engine(manifest, cache_dir, precision=args.precision,
+                                  calibration_dir=args.calibration)
+            tensor = reference_input(manifest)
+            with OnnxRuntimeRunner(read_verified_model(manifest), device="cpu", label=manifest.name) as ref, \
+                    TensorRTRunner(result.path, label=result.path.name) as trt_runner:
+                diffs = compare_runners(ref, trt_runner, {manifest.input.name: tensor},
+                                        manifest.output_names, tolerance)
+        except (ManifestError, ModelIntegrityError, EngineBuildError, RunnerError, OSError) as exc:
+            print(f"{folder.name}: FAILED: {exc}", file=err)
+            status = EXIT_FAILED
+            continue
+        for d in diffs:
+            verdict = "ok" if d.ok else "ABOVE TOLERANCE"
+            print(f"{manifest.name} {d.name}: max abs diff {d.max_abs_diff:.3g} "
+                  f"(scaled {d.scaled_diff:.3g}, tolerance {tolerance:g}) {verdict}", file=out)
+            if not d.ok:
+                status = EXIT_FAILED
+    return status
+
+
+def run(args: argparse.Namespace, *, models_dir: Path, cache_dir: Path, backend: str,
+        out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the parsed ``engines`` subcommand; returns the process exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    command = getattr(args, "engines_command", None)
+    try:
+        if command == "list":
+            return _list(Path(models_dir), Path(cache_dir), backend, out, err)
+        if command == "build":
+            return _build(args, Path(models_dir), Path(cache_dir), out, err)
+        if command == "verify":
+            return _verify(args, Path(models_dir), Path(cache_dir), out, err)
+    except BackendUnavailable as exc:
+        print(f"engines {command}: {exc}", file=err)
+        return EXIT_UNAVAILABLE
+    raise ValueError(f"unknown engines command {command!r}; expected build, list or verify")
