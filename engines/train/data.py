@@ -27,6 +27,9 @@ from engines.preprocess import resize_area, to_model_input
 logger = logging.getLogger(__name__)
 
 CHUNK = 50  # cases per cache file
+TRAIN_SEED_BASE = 7_000_000   # training/validation phantoms use seeds from here upwards
+TRAIN_SEED_SPAN = 1_000_000   # ... and never beyond this many
+EVAL_SEED_DEFAULT = 424_242   # held-out evaluation phantoms (benchmarks.model_eval)
 
 
 @dataclass
@@ -138,12 +141,19 @@ def render_cases(seeds: Sequence[int], size: int, *, workers: int = 2,
                     size, len(seeds) - sum(len(chunks[k]) for k in todo))
         if cache_dir:
             cache_dir.mkdir(parents=True, exist_ok=True)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
-            for k, cases in zip(todo, pool.map(_render_chunk, [(chunks[k], size) for k in todo])):
-                results[k] = cases
-                if cache_dir:
-                    _save_chunk(_chunk_path(cache_dir, size, chunks[k]), cases)
+        jobs = [(chunks[k], size) for k in todo]
+        if workers <= 1:
+            rendered = map(_render_chunk, jobs)
+        else:
+            context = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            rendered = pool.map(_render_chunk, jobs)
+        for k, cases in zip(todo, rendered):
+            results[k] = cases
+            if cache_dir:
+                _save_chunk(_chunk_path(cache_dir, size, chunks[k]), cases)
+        if workers > 1:
+            pool.shutdown()
     return [case for k in range(len(chunks)) for case in results[k]]
 
 
