@@ -218,6 +218,11 @@ def _serialize(manifest: Manifest, precision: str, calibration: list[Path] | Non
     if profile is not None:
         config.add_optimization_profile(profile)
     calibrator = None
+    flag = {"fp16": "FP16", "int8": "INT8"}.get(precision)
+    if flag and not hasattr(trt.BuilderFlag, flag):
+        raise EngineBuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (TensorRT 11 builds "
+                               "strongly typed networks only); build with --precision fp32, or give "
+                               "the model an ONNX file already converted to that precision")
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":

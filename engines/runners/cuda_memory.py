@@ -7,9 +7,10 @@ wrapped: allocate, free, copy host<->device on a stream, synchronize, and device
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -78,7 +79,8 @@ class _CudaPython:
 
 
 class _PyCuda:
-    """pycuda driver API; a context is made on first use (as ``pycuda.autoinit`` does)."""
+    """pycuda driver API on device 0's primary context (the one the CUDA runtime and
+    TensorRT use), made current around each call so any thread may call."""
 
     library = "pycuda"
 
@@ -87,10 +89,17 @@ class _PyCuda:
 
         drv.init()
         self.drv = drv
+        self._primary: Any = None
 
-    def _context(self) -> None:
-        if self.drv.Context.get_current() is None:
-            import pycuda.autoinit  # noqa: F401  (creates and pushes a context on device 0)
+    @contextlib.contextmanager
+    def _current(self) -> Iterator[None]:
+        if self._primary is None:
+            self._primary = self.drv.Device(0).retain_primary_context()
+        self._primary.push()
+        try:
+            yield
+        finally:
+            self.drv.Context.pop()
 
     def device_count(self) -> int:
         return int(self.drv.Device.count())
@@ -99,26 +108,30 @@ class _PyCuda:
         return str(self.drv.Device(index).name()).strip()
 
     def malloc(self, nbytes: int) -> tuple[Any, int]:
-        self._context()
-        alloc = self.drv.mem_alloc(nbytes)
+        with self._current():
+            alloc = self.drv.mem_alloc(nbytes)
         return alloc, int(alloc)
 
     def free(self, handle: Any) -> None:
-        handle.free()
+        with self._current():
+            handle.free()
 
     def htod(self, ptr: int, array: np.ndarray, stream: Any) -> None:
-        self.drv.memcpy_htod_async(ptr, array, stream)
+        with self._current():
+            self.drv.memcpy_htod_async(ptr, array, stream)
 
     def dtoh(self, array: np.ndarray, ptr: int, stream: Any) -> None:
-        self.drv.memcpy_dtoh_async(array, ptr, stream)
+        with self._current():
+            self.drv.memcpy_dtoh_async(array, ptr, stream)
 
     def stream_create(self) -> tuple[Any, int]:
-        self._context()
-        stream = self.drv.Stream()
+        with self._current():
+            stream = self.drv.Stream()
         return stream, int(stream.handle)
 
     def stream_synchronize(self, stream: Any) -> None:
-        stream.synchronize()
+        with self._current():
+            stream.synchronize()
 
     def stream_destroy(self, stream: Any) -> None:
         pass  # pycuda destroys the stream when the object goes away
