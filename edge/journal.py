@@ -283,6 +283,42 @@ class Journal:
                        (state, reason, json.dumps(findings) if findings is not None else None,
                         json.dumps(merged, sort_keys=True), now, now, sop_instance_uid))
 
+    def complete_analysis(self, sop_instance_uid: str, *, findings: dict[str, Any],
+                          timings_ms: dict[str, float],
+                          plan: Iterable[tuple[str, str, str, str]],
+                          local_destination: str | None = None,
+                          now: float | None = None) -> None:
+        """Mark an instance analyzed AND queue its result objects, in one transaction.
+
+        ``plan`` holds (object_type, result_uid, path, destination) for files already
+        written durably. Rows for ``local_destination`` (the results folder, used when no
+        destination is configured) are recorded as sent.
+        """
+        now = time.time() if now is None else now
+        rows = list(plan)
+        with self._tx() as db:
+            row = db.execute("SELECT timings_json FROM instances WHERE sop_instance_uid=?",
+                             (sop_instance_uid,)).fetchone()
+            if row is None:
+                raise KeyError(sop_instance_uid)
+            merged = json.loads(row["timings_json"] or "{}")
+            merged.update({k: round(float(v), 3) for k, v in timings_ms.items()})
+            db.execute("UPDATE instances SET state='analyzed', reason=NULL, findings_json=?,"
+                       " timings_json=?, analyzed_at=?, updated_at=? WHERE sop_instance_uid=?",
+                       (json.dumps(findings), json.dumps(merged, sort_keys=True), now, now,
+                        sop_instance_uid))
+            for object_type, result_uid, path, dest in rows:
+                local = dest == local_destination
+                db.execute(
+                    "INSERT INTO deliveries (sop_instance_uid, object_type, result_uid, path,"
+                    " destination, state, created_at, updated_at, next_attempt_at, sent_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (result_uid, destination) DO UPDATE SET path=excluded.path,"
+                    " state=excluded.state, attempts=0, last_error=NULL, created_at=excluded.created_at,"
+                    " next_attempt_at=excluded.next_attempt_at, updated_at=excluded.updated_at",
+                    (sop_instance_uid, object_type, result_uid, path, dest,
+                     "sent" if local else "pending", now, now, now, now if local else None))
+
     def resume_interrupted(self) -> int:
         """On start: instances left in ``analyzing`` go back to ``received``."""
         with self._tx() as db:
@@ -338,8 +374,14 @@ class Journal:
                            " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (now, limit))
         return [DeliveryRow(**dict(r)) for r in rows]
 
-    def next_delivery_time(self) -> float | None:
-        rows = self._query("SELECT MIN(next_attempt_at) FROM deliveries WHERE state IN ('pending','retrying')")
+    def next_delivery_time(self, destination: str | None = None) -> float | None:
+        """When the next undelivered result is due (epoch seconds), or None."""
+        sql = "SELECT MIN(next_attempt_at) FROM deliveries WHERE state IN ('pending','retrying')"
+        args: tuple = ()
+        if destination is not None:
+            sql += " AND destination=?"
+            args = (destination,)
+        rows = self._query(sql, args)
         return rows[0][0] if rows else None
 
     def mark_delivery_sent(self, delivery_id: int, *, note: str | None = None, now: float | None = None) -> None:

@@ -14,8 +14,10 @@ from pathlib import Path
 from dicom_node.scp import SCPSettings, StoreSCP, make_server_ssl_context
 
 from . import systemd
-from .config import Config
+from .config import Config, ConfigError
 from .journal import Journal
+from .metrics import Metrics
+from .outbox import Outbox
 from .receiver import Receiver
 from .storage import Spool
 
@@ -30,6 +32,12 @@ class Appliance:
         self.journal: Journal | None = None
         self.spool: Spool | None = None
         self.scp: StoreSCP | None = None
+        self.metrics = Metrics()
+        self.models: dict = {}
+        self.pipeline = None
+        self.outbox = None
+        self.health = None
+        self.web = None
         self.work_available = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -44,10 +52,16 @@ class Appliance:
         if resumed:
             logger.info("resuming %d instance(s) interrupted during analysis", resumed)
         self.spool = Spool(storage, cfg.storage.min_free_mb)
-        receiver = Receiver(self.journal, self.spool, on_new=lambda uid: self.work_available.set())
+        self._start_analysis()      # models first: a bad model stops the start, loudly
+        self.outbox = Outbox(cfg, self.journal, metrics=self.metrics).start()
+        self.pipeline.start()
+        receiver = Receiver(self.journal, self.spool, on_new=lambda uid: self.work_available.set(),
+                            on_received=self.metrics.instance_received,
+                            observe_stage=self.metrics.observe_stage)
         self.scp = StoreSCP(self._scp_settings(), receiver).start()
         if self.journal.count_instances_by_state().get("received"):
             self.work_available.set()
+        self._start_web()
         self._start_thread("watchdog", self._watchdog_loop)
         systemd.notify("READY=1\nSTATUS=listening for DICOM on port %d" % self.scp.port)
         return self
@@ -58,6 +72,16 @@ class Appliance:
         systemd.notify("STOPPING=1")
         if self.scp is not None:
             self.scp.shutdown()
+        if self.web is not None:
+            self.web.stop()
+        if self.health is not None:
+            self.health.stop()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+        if self.outbox is not None:
+            self.outbox.stop()
+        for model in self.models.values():
+            model.close()
         for t in self._threads:
             t.join(timeout=10)
         if self.journal is not None:
@@ -77,6 +101,49 @@ class Appliance:
             self.stop()
 
     # ------------------------------------------------------------------ parts
+    def _start_analysis(self) -> None:
+        from engines.manifest import ManifestError
+        from engines.store import ModelIntegrityError, load_models
+
+        from .analysis import Analyzer
+        from .pipeline import Pipeline
+        from .triage import TriageRules
+
+        cfg = self.config
+        try:
+            self.models = load_models(cfg.models_dir, cfg.models.backend, cache_dir=cfg.engine_cache_dir)
+        except (ManifestError, ModelIntegrityError, OSError) as exc:
+            raise ConfigError(f"models could not be loaded from {cfg.models_dir}: {exc}") from exc
+        t = cfg.triage
+        rules = TriageRules(modalities=t.modalities, body_parts=t.body_parts, views=t.views,
+                            min_age_years=t.min_age_years, min_side_px=t.min_side_px,
+                            max_side_px=t.max_side_px)
+        analyzer = Analyzer(self.models, tb_threshold=cfg.models.tb_threshold, triage_rules=rules)
+        self.pipeline = Pipeline(cfg, self.journal, analyzer, work_available=self.work_available,
+                                 metrics=self.metrics, on_results=lambda: self.outbox and self.outbox.wake())
+        self.metrics.set_model_info(self.model_info())
+
+    def model_info(self) -> list[dict]:
+        return [{"name": m.manifest.name, "version": m.manifest.version, "backend": m.backend}
+                for m in self.models.values()]
+
+    def _start_web(self) -> None:
+        from .health import HealthMonitor
+        from .web import create_app, serve_web
+
+        listener_up = lambda: bool(self.scp and self.scp.running)   # noqa: E731
+        self.health = HealthMonitor(self.config, self.journal, models=self.model_info(),
+                                    listener_up=listener_up).start()
+        app = create_app(self.config, self.journal, self.metrics, health=self.health,
+                         models=self.model_info(), listener_up=listener_up,
+                         wake=self._wake_workers)
+        self.web = serve_web(app, self.config.web.host, self.config.web.port)
+
+    def _wake_workers(self) -> None:
+        self.work_available.set()
+        if self.outbox is not None:
+            self.outbox.wake()
+
     def _scp_settings(self) -> SCPSettings:
         node = self.config.node
         ssl_context = None

@@ -195,3 +195,82 @@ def edge_server(tmp_path):
     yield factory
     for srv in servers:
         srv.stop()
+
+
+class OrthancPACS:
+    """A real Orthanc (Debian package) on loopback with its own temp storage."""
+
+    def __init__(self, tmp: Path, *, aet: str = "PACS"):
+        self.tmp = Path(tmp) / "orthanc"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        import json
+        config = {
+            "Name": "test-pacs", "StorageDirectory": str(self.tmp / "db"),
+            "IndexDirectory": str(self.tmp / "db"), "StorageCompression": False,
+            "HttpPort": self.http_port, "HttpServerEnabled": True, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomAet": aet, "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "Plugins": [],
+            "DicomServerEnabled": True, "HttpDescribeErrors": True, "StableAge": 1,
+        }
+        self.config = self.tmp / "orthanc.json"
+        self.config.write_text(json.dumps(config))
+
+    def start(self) -> "OrthancPACS":
+        orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(orthanc).exists():
+            pytest.skip("Orthanc is not installed (run `make test`, which installs it)")
+        self._log = open(self.tmp / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([orthanc, str(self.config)], stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=self.tmp)
+        wait_for_port(self.http_port, 60, self.proc)
+        wait_for_port(self.dicom_port, 60, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def get(self, path: str):
+        import requests
+        r = requests.get(f"http://127.0.0.1:{self.http_port}{path}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def instances(self) -> list[dict]:
+        """Every stored instance with its main tags (simplified)."""
+        out = []
+        for oid in self.get("/instances"):
+            tags = self.get(f"/instances/{oid}/simplified-tags")
+            out.append(tags)
+        return out
+
+    def destination(self, name: str = "pacs", **extra) -> dict:
+        return {"name": name, "ae_title": self.aet, "host": "127.0.0.1",
+                "port": self.dicom_port, **extra}
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    pacs = OrthancPACS(tmp_path)
+    yield pacs
+    pacs.stop()
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")

@@ -1,0 +1,188 @@
+"""Analysis workers: claim received instances, analyze them warm, write and queue results.
+
+Two threads per pipeline: one *prepares* (reads the stored file, triage, decode,
+preprocess) while the other *infers* (models, reporting), so decoding the next image
+overlaps with inference of the current one. Inference itself is serialized per model by
+the analyzer. Every instance ends ``analyzed``, ``skipped`` or ``failed`` with a reason;
+a crash or SIGKILL leaves it ``analyzing`` and it is resumed at the next start.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom import dcmread
+
+from .config import OUTPUT_TYPES, Config
+from .findings import Findings
+from .journal import InstanceRow, Journal
+from .storage import write_durably
+
+logger = logging.getLogger(__name__)
+
+LOCAL_DESTINATION = "local-folder"
+MAX_ATTEMPTS = 3   # an image that crashed the process this often is marked failed
+
+
+@dataclass
+class _Job:
+    row: InstanceRow
+    source: Any            # pydicom Dataset
+    prepared: Any          # analysis.Prepared
+    started: float
+
+
+class Pipeline:
+    """Prepare and infer threads working from the journal."""
+
+    def __init__(self, config: Config, journal: Journal, analyzer, *,
+                 work_available: threading.Event, metrics=None,
+                 on_results: Callable[[], None] | None = None,
+                 equipment=None):
+        self.config = config
+        self.journal = journal
+        self.analyzer = analyzer
+        self.work_available = work_available
+        self.metrics = metrics
+        self._on_results = on_results or (lambda: None)
+        self._equipment = equipment
+        self._stop = threading.Event()
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
+        self._threads: list[threading.Thread] = []
+        dests = config.destinations
+        self.outputs = tuple(o for o in OUTPUT_TYPES if not dests or any(o in d.outputs for d in dests))
+
+    def start(self) -> "Pipeline":
+        for name, target in (("prepare", self._prepare_loop), ("infer", self._infer_loop)):
+            t = threading.Thread(target=target, name=f"pipeline-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.work_available.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        for t in self._threads:
+            t.join(timeout=30)
+
+    # ------------------------------------------------------------------ prepare
+    def _prepare_loop(self) -> None:
+        while not self._stop.is_set():
+            row = self.journal.claim_next_instance()
+            if row is None:
+                self.work_available.wait(1.0)
+                self.work_available.clear()
+                continue
+            job = self._prepare(row)
+            if job is not None:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(job, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+
+    def _prepare(self, row: InstanceRow) -> _Job | None:
+        from .imaging import ImagingError
+        started = time.perf_counter()
+        if row.attempts > MAX_ATTEMPTS:
+            self._finish(row, "failed", f"analysis was interrupted {row.attempts - 1} times; "
+                         "the image may be damaged. Stored, not analyzed")
+            return None
+        path = self.config.storage_dir / row.path
+        try:
+            source = dcmread(str(path))
+        except Exception as exc:  # noqa: BLE001
+            self._finish(row, "failed", f"stored file cannot be read ({type(exc).__name__})")
+            return None
+        try:
+            prepared = self.analyzer.prepare(source)
+        except ImagingError as exc:
+            self._finish(row, "failed", str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the box
+            logger.exception("unexpected error preparing an image")
+            self._finish(row, "failed", f"internal error while reading the image ({type(exc).__name__})")
+            return None
+        skipped = getattr(prepared, "findings_if_skipped", None)
+        if skipped is not None:
+            self._finish(row, "skipped", skipped.reason, findings=skipped)
+            return None
+        return _Job(row=row, source=source, prepared=prepared, started=started)
+
+    # ------------------------------------------------------------------ infer + report
+    def _infer_loop(self) -> None:
+        while not self._stop.is_set():
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._infer(job)
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("unexpected error analyzing an image")
+                self._finish(job.row, "failed", f"internal error during analysis ({type(exc).__name__})")
+
+    def _infer(self, job: _Job) -> None:
+        from .reporting import build_results
+        findings: Findings = self.analyzer.infer(job.prepared)
+        findings.timings_ms.pop("total", None)
+        t0 = time.perf_counter()
+        kwargs = {"equipment": self._equipment} if self._equipment is not None else {}
+        results = build_results(job.source, findings, job.prepared.image.unit_image,
+                                self.outputs, **kwargs)
+        objects = []
+        for kind, ds in results.items():
+            rel = f"results/{ds.StudyInstanceUID}/{kind}_{ds.SOPInstanceUID}.dcm"
+            write_durably(self.config.storage_dir / rel, _encode(ds))
+            objects.append((kind, str(ds.SOPInstanceUID), rel))
+        report_ms = (time.perf_counter() - t0) * 1000.0
+        timings = dict(findings.timings_ms)
+        timings["report"] = report_ms
+        timings["analysis_total"] = (time.perf_counter() - job.started) * 1000.0
+        findings.timings_ms = timings
+        if self.config.destinations:
+            plan = [(o, d.name) for o in objects for d in self.config.destinations if o[0] in d.outputs]
+        else:
+            plan = [(o, LOCAL_DESTINATION) for o in objects]
+        self._complete(job.row, findings, timings, plan)
+        if self.metrics is not None:
+            for stage, ms in timings.items():
+                if stage in ("decode", "preprocess", "tb", "nodule", "report"):
+                    self.metrics.observe_stage(stage, ms / 1000.0)
+            self.metrics.instance_finished("analyzed")
+        tb = findings.tb
+        logger.info("analyzed %s: TB %s, %d nodule(s), %.0f ms", job.row.sop_instance_uid,
+                    "refer" if tb and tb.positive else "no signs", len(findings.nodules),
+                    timings["analysis_total"])
+        self._on_results()
+
+    def _complete(self, row: InstanceRow, findings: Findings, timings: dict, plan: list) -> None:
+        self.journal.complete_analysis(
+            row.sop_instance_uid, findings=findings.to_dict(), timings_ms=timings,
+            plan=[(kind, uid, rel, dest) for (kind, uid, rel), dest in plan],
+            local_destination=LOCAL_DESTINATION)
+
+    def _finish(self, row: InstanceRow, state: str, reason: str | None,
+                findings: Findings | None = None) -> None:
+        logger.info("%s %s: %s", state, row.sop_instance_uid, reason)
+        self.journal.finish_instance(row.sop_instance_uid, state, reason=reason,
+                                     findings=findings.to_dict() if findings else None,
+                                     timings_ms=findings.timings_ms if findings else None)
+        if self.metrics is not None:
+            self.metrics.instance_finished(state, reason)
+
+
+def _encode(ds) -> bytes:
+    from io import BytesIO
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
