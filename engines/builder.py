@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from engines.manifest import Manifest, read_verified_model, sha256_hex
-from engines.runners.base import BackendUnavailable
+from engines.runners.base import BackendUnavailable, RunnerError
 from engines.runners.cuda_memory import DeviceBuffer, Stream, gpu_count, gpu_name
 from engines.runners.tensorrt_runner import import_tensorrt, trt_logger
 
@@ -35,7 +35,7 @@ DEFAULT_WORKSPACE_MB = 1024
 KEY_LENGTH = 16
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(RunnerError):
     """An engine could not be built (bad request, parser or builder failure)."""
 
 

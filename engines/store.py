@@ -142,11 +142,13 @@ def model_folders(models_dir: Path | str) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file())
 
 
-def load_models(models_dir: Path, backend: str = "auto", **options: object) -> dict[str, LoadedModel]:
+def load_models(models_dir: Path, backend: str = "auto", *, cache_dir: Path | str | None = None,
+                precision: str = DEFAULT_PRECISION, onnx_device: str = "auto",
+                intra_op_threads: int | None = None) -> dict[str, LoadedModel]:
     """Load every model folder under ``models_dir``, keyed by model name.
 
-    Any bad model stops the load (the appliance must not start half-equipped); ``options``
-    go to :func:`load_model`.
+    Any bad model stops the load (the appliance must not start half-equipped); the keyword
+    options are those of :func:`load_model`.
     """
     folders = model_folders(models_dir)
     if not folders:
@@ -154,7 +156,8 @@ def load_models(models_dir: Path, backend: str = "auto", **options: object) -> d
     models: dict[str, LoadedModel] = {}
     try:
         for folder in folders:
-            model = load_model(folder, backend, **options)  # type: ignore[arg-type]
+            model = load_model(folder, backend, cache_dir=cache_dir, precision=precision,
+                               onnx_device=onnx_device, intra_op_threads=intra_op_threads)
             if model.name in models:
                 model.close()
                 raise ManifestError(f"{folder / MANIFEST_FILE}: key 'model.name' {model.name!r} "
