@@ -74,6 +74,7 @@ def setup_logging(config: Config) -> None:
     )
     # pynetdicom's INFO/DEBUG lines echo request details; keep them out of the service log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -120,7 +120,25 @@ class Pipeline:
         return _Job(row=row, source=source, prepared=prepared, started=started)
 
     # ------------------------------------------------------------------ infer + report
+    def warm_up(self) -> None:
+        """Run one synthetic image through models and reporting, so the first patient's
+        image does not pay for lazy initialisation (ONNX Runtime arenas, SR templates)."""
+        from .reporting import build_results
+        started = time.perf_counter()
+        try:
+            source = synthetic_chest_dataset()
+            prepared = self.analyzer.prepare(source)
+            if getattr(prepared, "findings_if_skipped", None) is None:
+                findings = self.analyzer.infer(prepared)
+                for ds in build_results(source, findings, prepared.image.unit_image, self.outputs).values():
+                    _encode(ds)
+        except Exception:  # noqa: BLE001 - a warm-up problem must not stop the service
+            logger.warning("warm-up run failed; the first image may be slower", exc_info=True)
+            return
+        logger.info("models and reporting warmed up in %.0f ms", (time.perf_counter() - started) * 1000)
+
     def _infer_loop(self) -> None:
+        self.warm_up()
         while not self._stop.is_set():
             job = self._queue.get()
             if job is None:
@@ -186,3 +204,30 @@ def _encode(ds) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def synthetic_chest_dataset(side: int = 1024):
+    """A plain, valid DX dataset used only to warm up the pipeline (never stored or sent)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "2.25.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "2.25.2", "2.25.3"
+    ds.PatientName, ds.PatientID, ds.PatientAge = "WARMUP", "WARMUP", "040Y"
+    ds.PatientBirthDate, ds.PatientSex, ds.AccessionNumber, ds.StudyID = "", "", "", ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyDate, ds.StudyTime, ds.Modality = "20260101", "000000", "DX"
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    y, x = np.mgrid[0:side, 0:side]
+    ds.PixelData = (2048 + 1000 * np.sin(x / 40.0) * np.cos(y / 50.0)).astype(np.uint16).tobytes()
+    return ds
