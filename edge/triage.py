@@ -181,6 +181,8 @@ def _anatomy_reason(ds: Dataset, rules: TriageRules) -> str | None:
     if codes and not any(code in CHEST_REGION_CODES for code in codes):
         return "not a chest image"
     view = _text(ds, "ViewPosition")
+    if view and view in rules.views:
+        return None
     if view in _LATERAL_VIEWS:
         return "lateral view"
     if not view:
@@ -190,7 +192,7 @@ def _anatomy_reason(ds: Dataset, rules: TriageRules) -> str | None:
             if code in _LATERAL_VIEW_CODES:
                 return "lateral view"
     if view not in rules.views:
-        return f"not a frontal view (view {view})"
+        return f"not a frontal view (view {view or 'not recorded'})"
     return None
 
 

@@ -1,0 +1,273 @@
+"""Analysis of one instance: triage, decode, preprocess, run the models, findings in full-res pixels.
+
+Split in two so the pipeline can decode the next image while the models read the current
+one: ``prepare`` (CPU: triage, pixel decode, model tensors) and ``infer`` (the models, each
+behind its own lock). ``analyze`` does both. ``analyze_main`` is the ``edge analyze FILE``
+command.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from edge.findings import Findings, ModelInfo, Nodule, TBResult
+from edge.imaging import ImageForModels, ImagingError, load_for_models, read_dataset
+from edge.triage import TriageRules, triage
+from engines.decode import decode_centernet
+from engines.preprocess import to_model_input
+from engines.store import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+#: Short names for timings and logs, by model task.
+SHORT_NAMES = {"classification": "tb", "detection": "nodule"}
+#: The TB region is the connected area around the hottest heatmap cell at or above this
+#: fraction of the peak value.
+TB_REGION_FRACTION = 0.5
+
+
+@dataclass
+class Prepared:
+    """One instance ready for the models (or already decided: ``findings_if_skipped``)."""
+
+    sop_instance_uid: str
+    rows: int
+    columns: int
+    dataset: Dataset
+    image: ImageForModels | None = None               # kept for the secondary capture
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)   # by model name
+    findings_if_skipped: Findings | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Analyzer:
+    """Runs the loaded models on instances; thread-safe (one lock per model).
+
+    ``models`` holds at most one classification (TB) and one detection (nodule) model.
+    ``tb_threshold`` overrides the TB model's manifest threshold. ``decode_min_side``
+    overrides how far images are decoded (default: the largest model input side).
+    """
+
+    def __init__(self, models: Mapping[str, LoadedModel], *, tb_threshold: float | None = None,
+                 triage_rules: TriageRules = TriageRules(), decode_min_side: int | None = None) -> None:
+        if not models:
+            raise ValueError("models: no models loaded; at least one model is needed")
+        if tb_threshold is not None and not 0.0 <= float(tb_threshold) <= 1.0:
+            raise ValueError(f"tb_threshold: must be between 0 and 1, got {tb_threshold!r}")
+        if not isinstance(triage_rules, TriageRules):
+            raise TypeError(f"triage_rules: expected TriageRules, got {type(triage_rules).__name__}")
+        self.models = dict(models)
+        self.classifier: LoadedModel | None = None
+        self.detector: LoadedModel | None = None
+        for name, model in self.models.items():
+            task = model.manifest.task
+            slot = "classifier" if task == "classification" else "detector"
+            if task not in SHORT_NAMES:
+                raise ValueError(f"models[{name!r}]: unsupported task {task!r}")
+            if getattr(self, slot) is not None:
+                raise ValueError(f"models: two {task} models ({getattr(self, slot).name}, {name}); "
+                                 "the appliance runs one of each")
+            setattr(self, slot, model)
+        self.tb_threshold = None if tb_threshold is None else float(tb_threshold)
+        self.triage_rules = triage_rules
+        sides = [max(m.manifest.input.height, m.manifest.input.width) for m in self.models.values()]
+        self.decode_min_side = int(decode_min_side) if decode_min_side else max(sides)
+        self._locks = {name: threading.Lock() for name in self.models}
+
+    @property
+    def model_infos(self) -> list[ModelInfo]:
+        return [ModelInfo(name=m.manifest.name, version=m.manifest.version, backend=m.backend,
+                          clinical_use=m.manifest.clinical_use) for m in self.models.values()]
+
+    def prepare(self, path_or_ds: str | Path | Dataset) -> Prepared:
+        """Triage, decode and preprocess; raises ImagingError for unreadable files or pixels."""
+        start = time.perf_counter()
+        ds = read_dataset(path_or_ds)
+        read_ms = (time.perf_counter() - start) * 1000.0
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        prepared = Prepared(sop_instance_uid=uid, rows=rows, columns=cols, dataset=ds)
+        reason = triage(ds, self.triage_rules)
+        if reason is not None:
+            total = (time.perf_counter() - start) * 1000.0
+            logger.info("instance %s skipped: %s", uid, reason)
+            prepared.findings_if_skipped = Findings(
+                sop_instance_uid=uid, eligible=False, reason=reason, rows=rows, columns=cols,
+                timings_ms={"read": round(read_ms, 2), "total": round(total, 2)})
+            prepared.timings_ms = {"read": read_ms, "prepare": total}
+            return prepared
+        image = load_for_models(ds, min_side=self.decode_min_side)
+        t_pre = time.perf_counter()
+        by_geometry: dict[tuple[int, int, float, float], np.ndarray] = {}
+        for name, model in self.models.items():
+            spec = model.manifest.input
+            key = (spec.height, spec.width, spec.mean, spec.std)
+            if key not in by_geometry:
+                by_geometry[key] = to_model_input(image.unit_image, spec.height, spec.width, spec.mean, spec.std)
+            prepared.tensors[name] = by_geometry[key]
+        done = time.perf_counter()
+        prepared.image = image
+        prepared.timings_ms = {"read": read_ms, "decode": image.decode_ms,
+                               "preprocess": (done - t_pre) * 1000.0, "prepare": (done - start) * 1000.0}
+        return prepared
+
+    def infer(self, prepared: Prepared) -> Findings:
+        """Run the models on a prepared instance; a skipped instance is returned unchanged."""
+        if prepared.findings_if_skipped is not None:
+            return prepared.findings_if_skipped
+        if prepared.image is None:
+            raise ValueError("prepared: has neither an image nor findings_if_skipped")
+        start = time.perf_counter()
+        image = prepared.image
+        timings = {k: v for k, v in prepared.timings_ms.items() if k != "prepare"}
+        outputs: dict[str, dict[str, np.ndarray]] = {}
+        for name, model in self.models.items():
+            t = time.perf_counter()
+            with self._locks[name]:
+                outputs[name] = model.run(prepared.tensors[name])
+            timings[SHORT_NAMES[model.manifest.task]] = (time.perf_counter() - t) * 1000.0
+        tb = self._tb_result(outputs, image) if self.classifier else None
+        nodules = self._nodules(outputs, image) if self.detector else []
+        timings["total"] = prepared.timings_ms.get("prepare", 0.0) + (time.perf_counter() - start) * 1000.0
+        return Findings(
+            sop_instance_uid=prepared.sop_instance_uid, eligible=True, tb=tb, nodules=nodules,
+            timings_ms={k: round(v, 2) for k, v in timings.items()}, models=self.model_infos,
+            rows=image.full_rows, columns=image.full_cols,
+            pixel_spacing_mm=list(image.pixel_spacing_mm) if image.pixel_spacing_mm else None)
+
+    def analyze(self, path_or_ds: str | Path | Dataset) -> Findings:
+        """prepare + infer."""
+        return self.infer(self.prepare(path_or_ds))
+
+    def _tb_result(self, outputs: dict[str, dict[str, np.ndarray]], image: ImageForModels) -> TBResult:
+        model = self.classifier
+        assert model is not None
+        spec = model.manifest.output
+        out = outputs[model.name]
+        score = float(np.asarray(out[spec.score]).reshape(-1)[0])
+        threshold = self.tb_threshold if self.tb_threshold is not None else float(spec.threshold)
+        positive = score >= threshold
+        region = None
+        if positive and spec.heatmap in out:
+            region = hot_region(out[spec.heatmap], image.full_rows, image.full_cols)
+        return TBResult(score=score, threshold=threshold, positive=positive, region=region)
+
+    def _nodules(self, outputs: dict[str, dict[str, np.ndarray]], image: ImageForModels) -> list[Nodule]:
+        model = self.detector
+        assert model is not None
+        spec = model.manifest.input
+        # model-input pixels -> full resolution: the resize is a stretch of the whole image
+        fx, fy = image.full_cols / spec.width, image.full_rows / spec.height
+        spacing = image.pixel_spacing_mm
+        nodules = []
+        for x1, y1, x2, y2, score in decode_centernet(outputs[model.name], model.manifest):
+            box = [min(max(x1 * fx, 0.0), image.full_cols), min(max(y1 * fy, 0.0), image.full_rows),
+                   min(max(x2 * fx, 0.0), image.full_cols), min(max(y2 * fy, 0.0), image.full_rows)]
+            width, height = box[2] - box[0], box[3] - box[1]
+            if width <= 0 or height <= 0:
+                continue
+            diameter_mm = None
+            if spacing:
+                diameter_mm = round((width * spacing[1] + height * spacing[0]) / 2.0, 2)
+            nodules.append(Nodule(box=[round(v, 2) for v in box], score=score, diameter_mm=diameter_mm,
+                                  diameter_px=round((width + height) / 2.0, 2)))
+        return nodules
+
+
+def hot_region(heatmap: np.ndarray, full_rows: int, full_cols: int,
+               fraction: float = TB_REGION_FRACTION) -> list[float] | None:
+    """Bounding box, in full-resolution pixels, of the hottest connected heatmap area.
+
+    The area is the 4-connected set of cells around the maximum whose value is at least
+    ``fraction`` of it; the heatmap covers the whole image (stretched).
+    """
+    heat = np.asarray(heatmap, dtype=np.float32)
+    heat = heat.reshape(heat.shape[-2], heat.shape[-1])
+    peak = float(heat.max()) if heat.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return None
+    hot = heat >= peak * fraction
+    start = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    seen = np.zeros_like(hot)
+    stack = [start]
+    seen[start] = True
+    h, w = heat.shape
+    r0, r1, c0, c1 = start[0], start[0], start[1], start[1]
+    while stack:
+        r, c = stack.pop()
+        r0, r1, c0, c1 = min(r0, r), max(r1, r), min(c0, c), max(c1, c)
+        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= nr < h and 0 <= nc < w and hot[nr, nc] and not seen[nr, nc]:
+                seen[nr, nc] = True
+                stack.append((nr, nc))
+    sx, sy = full_cols / w, full_rows / h
+    return [round(c0 * sx, 2), round(r0 * sy, 2), round((c1 + 1) * sx, 2), round((r1 + 1) * sy, 2)]
+
+
+def format_findings(findings: Findings) -> str:
+    """The readable text form of ``edge analyze`` (no patient data)."""
+    lines = [f"image {findings.sop_instance_uid or '(no SOP Instance UID)'} "
+             f"({findings.columns} x {findings.rows} px"
+             + (f", {findings.pixel_spacing_mm[1]:.3f} mm/px" if findings.pixel_spacing_mm else "") + ")"]
+    if not findings.eligible:
+        lines.append(f"skipped: {findings.reason}")
+        return "\n".join(lines)
+    if findings.tb is not None:
+        tb = findings.tb
+        verdict = "POSITIVE: refer for TB testing" if tb.positive else "negative"
+        lines.append(f"TB: score {tb.score:.3f} at threshold {tb.threshold:.3f}: {verdict}")
+    lines.append(f"nodules: {len(findings.nodules)}")
+    for i, n in enumerate(findings.nodules, 1):
+        size = f"{n.diameter_mm:.1f} mm" if n.diameter_mm is not None else f"{n.diameter_px:.0f} px"
+        x1, y1, x2, y2 = n.box
+        lines.append(f"  {i}. score {n.score:.3f}, box ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f}), diameter {size}")
+    lines.append("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in findings.timings_ms.items()))
+    lines.append("models: " + ", ".join(f"{m.name} {m.version} ({m.backend})" for m in findings.models))
+    if not all(m.clinical_use for m in findings.models):
+        lines.append("demonstration models: not for clinical use")
+    return "\n".join(lines)
+
+
+def analyze_main(path: str, *, as_json: bool, models_dir: Path, backend: str,
+                 tb_threshold: float | None, triage_rules: TriageRules) -> int:
+    """``edge analyze FILE``: print the findings; 0 when analyzed or skipped, 1 on errors."""
+    from engines.manifest import ManifestError, ModelIntegrityError
+    from engines.runners.base import RunnerError
+
+    try:
+        models = _load_models(models_dir, backend)
+    except (ManifestError, ModelIntegrityError, RunnerError, OSError, ValueError) as exc:
+        print(f"error: cannot load the models from {models_dir}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        analyzer = Analyzer(models, tb_threshold=tb_threshold, triage_rules=triage_rules)
+        findings = analyzer.analyze(path)
+    except ImagingError as exc:
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for model in models.values():
+            model.close()
+    if as_json:
+        print(json.dumps(findings.to_dict(), indent=2))
+    else:
+        print(format_findings(findings))
+    return 0
+
+
+def _load_models(models_dir: Path, backend: str) -> dict[str, Any]:
+    from engines.store import load_models
+
+    return load_models(Path(models_dir), backend)
