@@ -68,7 +68,7 @@ def annotate_image(unit_image: np.ndarray, findings: Findings, *, max_side: int 
     banner_height = line_height * len(lines) + font_size // 2
     scale = min(max_side / width, (max_side - banner_height) / height, 1.0)
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-    picture = Image.fromarray(image, mode="L")
+    picture = Image.fromarray(image)   # uint8 2-D: mode "L"
     if (out_w, out_h) != (width, height):
         picture = picture.resize((out_w, out_h), Image.Resampling.BOX)
 

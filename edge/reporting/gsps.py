@@ -13,6 +13,7 @@ import logging
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import pack_bits
 from pydicom.valuerep import DA, TM
 
@@ -70,6 +71,7 @@ def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Eq
         content_description=("AI findings" + (f" - {common.DEMO_NOTE}" if demo else ""))[:64],
         graphic_annotations=[annotation],
         graphic_layers=[layer],
+        voi_lut_transformations=_voi_from_window(source),
         presentation_lut_transformation=presentation_lut,
         series_description=common.series_description("gsps", demo),
         series_date=when.date(),
@@ -85,34 +87,73 @@ def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Eq
     return gsps
 
 
+def _voi_from_window(source: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    """The source's VOI window(s) as the state's VOI, so it displays like the source.
+
+    The window is preferred over a VOI LUT Sequence when a source has both (many DR
+    images do; highdicom refuses to choose): the window is what the models' input and
+    most viewers use by default. ``None`` lets highdicom copy a LUT-only VOI, if any.
+    """
+    if not (source.get("WindowCenter") and source.get("WindowWidth")):
+        return None
+
+    def values(keyword: str) -> list:
+        value = source.get(keyword)
+        return list(value) if isinstance(value, MultiValue) else [value]
+
+    centers = [float(v) for v in values("WindowCenter")]
+    widths = [float(v) for v in values("WindowWidth")]
+    if len(centers) != len(widths):
+        raise ValueError("source WindowCenter and WindowWidth have different lengths")
+    explanations = None
+    if source.get("WindowCenterWidthExplanation"):
+        explanations = [str(v) for v in values("WindowCenterWidthExplanation")]
+        if len(explanations) != len(centers):
+            explanations = None
+    function = source.get("VOILUTFunction") or None
+    return [hd.pr.SoftcopyVOILUTTransformation(
+        window_center=centers if len(centers) > 1 else centers[0],
+        window_width=widths if len(widths) > 1 else widths[0],
+        window_explanation=(explanations if explanations is None or len(explanations) > 1
+                            else explanations[0]),
+        voi_lut_function=function,
+    )]
+
+
 def _add_box_overlay(gsps: Dataset, findings: Findings, rows: int, columns: int) -> None:
     """Also draw the boxes as an overlay plane activated on the "AI" layer.
 
     Renderers that apply overlays but not graphic annotations (DCMTK's dcmp2pgm, some
     older viewers) then still show where the nodules are; in viewers that render both,
-    the overlay coincides with the graphic boxes.
+    the overlay coincides with the graphic boxes. The plane covers only the region
+    around the boxes, which keeps the object small (1 bit per pixel of that region).
     """
     if not findings.nodules:
         return
-    bitmap = np.zeros((rows, columns), dtype=np.uint8)
-    thickness = max(2, round(min(rows, columns) / 400))
+    boxes = []
     for nodule in findings.nodules:
         x1, y1, x2, y2 = common.clip_box(nodule.box, rows, columns)
         c1, r1 = int(np.floor(x1)), int(np.floor(y1))
-        c2, r2 = max(int(np.ceil(x2)), c1 + 1), max(int(np.ceil(y2)), r1 + 1)
+        boxes.append((c1, r1, max(int(np.ceil(x2)), c1 + 1), max(int(np.ceil(y2)), r1 + 1)))
+    left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    right, bottom = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    bitmap = np.zeros((bottom - top, right - left), dtype=np.uint8)
+    thickness = max(2, round(min(rows, columns) / 400))
+    for c1, r1, c2, r2 in boxes:
+        c1, c2, r1, r2 = c1 - left, c2 - left, r1 - top, r2 - top
         bitmap[r1:r2, c1:min(c1 + thickness, c2)] = 1
         bitmap[r1:r2, max(c2 - thickness, c1):c2] = 1
         bitmap[r1:min(r1 + thickness, r2), c1:c2] = 1
         bitmap[max(r2 - thickness, r1):r2, c1:c2] = 1
-    gsps.add_new(0x60000010, "US", rows)            # OverlayRows
-    gsps.add_new(0x60000011, "US", columns)         # OverlayColumns
-    gsps.add_new(0x60000022, "LO", "AI nodule boxes")  # OverlayDescription
-    gsps.add_new(0x60000040, "CS", "G")             # OverlayType: graphics
-    gsps.add_new(0x60000050, "SS", [1, 1])          # OverlayOrigin
-    gsps.add_new(0x60000100, "US", 1)               # OverlayBitsAllocated
-    gsps.add_new(0x60000102, "US", 0)               # OverlayBitPosition
-    gsps.add_new(0x60001001, "CS", LAYER_NAME)      # OverlayActivationLayer
-    gsps.add_new(0x60001500, "LO", "AI")            # OverlayLabel
+    gsps.add_new(0x60000010, "US", bitmap.shape[0])     # OverlayRows
+    gsps.add_new(0x60000011, "US", bitmap.shape[1])     # OverlayColumns
+    gsps.add_new(0x60000022, "LO", "AI nodule boxes")   # OverlayDescription
+    gsps.add_new(0x60000040, "CS", "G")                 # OverlayType: graphics
+    gsps.add_new(0x60000050, "SS", [top + 1, left + 1])  # OverlayOrigin: row, column (1-based)
+    gsps.add_new(0x60000100, "US", 1)                   # OverlayBitsAllocated
+    gsps.add_new(0x60000102, "US", 0)                   # OverlayBitPosition
+    gsps.add_new(0x60001001, "CS", LAYER_NAME)          # OverlayActivationLayer
+    gsps.add_new(0x60001500, "LO", "AI")                # OverlayLabel
     gsps.add_new(0x60003000, "OW", pack_bits(bitmap.ravel()))  # OverlayData
 
 
@@ -136,10 +177,12 @@ def _nodule_objects(source: Dataset, findings: Findings, versions: list[str], ro
         label = common.nodule_label(nodule)
         width = min(float(columns), max(box[2] - box[0], text_height * 0.6 * len(label)))
         left = min(box[0], columns - width)
-        if box[1] >= text_height:
+        if box[1] >= text_height:                       # above the box
             top, bottom = box[1] - text_height, box[1]
-        else:
-            top, bottom = box[3], min(float(rows), box[3] + text_height)
+        elif rows - box[3] >= text_height:              # below it
+            top, bottom = box[3], box[3] + text_height
+        else:                                           # inside its top edge
+            top, bottom = box[1], min(float(rows), box[1] + text_height)
         texts.append(hd.pr.TextObject(
             text_value=label, units=hd.pr.AnnotationUnitsValues.PIXEL,
             bounding_box=(round(left, 2), round(top, 2), round(left + width, 2),

@@ -1,0 +1,410 @@
+"""Result objects (SR, GSPS, SC) checked the way a receiver reads them.
+
+Each object is written to bytes and read back; the real dicom3tools ``dciodvfy`` checks
+the IOD, DCMTK's ``dsrdump`` reads the SR and ``dcmp2pgm`` renders the presentation state
+over the source image.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from edge.findings import Findings, ModelInfo, Nodule, TBResult
+from edge.reporting import (OUTPUT_TYPES, Equipment, annotate_image, build_gsps,
+                            build_results, build_sc, build_sr, result_series_uid, result_uid)
+from engines.preprocess import resize_area, window_to_unit
+
+TOOLS = ("dciodvfy", "dsrdump", "dcmp2pgm")
+pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                                reason="dicom3tools/DCMTK not installed")
+
+SIZE = 1024
+CENTER, WIDTH = 1800.0, 1600.0
+VIETNAMESE = "Nguyễn^Văn An"
+BOXES = ([200.0, 300.0, 260.0, 360.0], [600.0, 500.0, 700.0, 590.0])
+
+
+def make_source(tmp_path: Path, *, monochrome1: bool = False, spacing: bool = True,
+                name: str = "Doe^Jane", dated: bool = True, voi_lut: bool = False) -> Dataset:
+    """A small synthetic DX image, written to a file and read back like a spooled one."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"   # DX for presentation
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.10" + ("1" if monochrome1 else "2")
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.11"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.12"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = name
+    ds.PatientID = "PID-0042"
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "F"
+    ds.PatientAge = "044Y"
+    ds.StudyDate, ds.StudyTime = ("20240501", "101500") if dated else ("", "")
+    if dated:
+        ds.AcquisitionDate, ds.AcquisitionTime = "20240501", "101600.250000"
+    ds.AccessionNumber = "ACC-7"
+    ds.ReferringPhysicianName = "Trần^Bình"
+    ds.StudyID = "S7"
+    ds.Modality = "DX"
+    ds.Manufacturer = "Test Modality Inc"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 3
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientOrientation = ["L", "F"]
+    ds.Rows = ds.Columns = SIZE
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    body = 1000 + 1500 * np.exp(-((xx - SIZE / 2) ** 2 + (yy - SIZE / 2) ** 2) / (2 * 340.0 ** 2))
+    pixels = body.astype(np.uint16)
+    ds.WindowCenter, ds.WindowWidth = CENTER, WIDTH
+    if monochrome1:   # same look, stored inverted
+        pixels = (4095 - pixels).astype(np.uint16)
+        ds.WindowCenter = 4095 - CENTER
+    ds.PixelData = pixels.tobytes()
+    if spacing:
+        ds.ImagerPixelSpacing = [0.2, 0.2]
+    if voi_lut:   # many DR images carry a VOI LUT as well as a window
+        lut = Dataset()
+        lut.add_new("LUTDescriptor", "US", [4096, 0, 12])
+        lut.add_new("LUTData", "OW", np.arange(4096, dtype="<u2").tobytes())
+        ds.VOILUTSequence = [lut]
+        ds.VOILUTFunction = "SIGMOID"
+    path = tmp_path / f"source_{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def make_findings(source: Dataset, *, positive: bool = True, nodules: int = 2,
+                  spacing: bool = True, clinical: bool = False, version: str = "0.1.0",
+                  boxes: tuple = BOXES, tb: bool = True) -> Findings:
+    models = [ModelInfo("tb_classifier", version, "onnxruntime", clinical),
+              ModelInfo("nodule_detector", "0.1.0", "onnxruntime", clinical)]
+    found = [Nodule(box=list(box), score=score, diameter_mm=(mm if spacing else None),
+                    diameter_px=mm * 5)
+             for box, score, mm in zip(boxes, (0.91, 0.77), (12.0, 20.0))][:nodules]
+    return Findings(
+        sop_instance_uid=source.SOPInstanceUID, eligible=True,
+        tb=TBResult(score=0.83 if positive else 0.12, threshold=0.5, positive=positive)
+        if tb else None,
+        nodules=found, models=models, rows=SIZE, columns=SIZE,
+        pixel_spacing_mm=[0.2, 0.2] if spacing else None)
+
+
+def unit_image(source: Dataset) -> np.ndarray:
+    unit = window_to_unit(source.pixel_array, float(source.WindowCenter), float(source.WindowWidth))
+    if source.PhotometricInterpretation == "MONOCHROME1":
+        unit = 1.0 - unit
+    return resize_area(unit, SIZE // 2, SIZE // 2)
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    path.write_bytes(to_bytes(ds))
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+
+
+CASES = {
+    "positive": dict(source={}, findings={}),
+    "negative": dict(source={}, findings=dict(positive=False, nodules=0)),
+    "no_spacing": dict(source=dict(spacing=False), findings=dict(spacing=False)),
+    "mono1_utf8": dict(source=dict(monochrome1=True, name=VIETNAMESE), findings={}),
+    "lut_and_window": dict(source=dict(voi_lut=True), findings={}),
+    "edge_boxes_no_tb": dict(source={}, findings=dict(
+        tb=False, boxes=([0.0, 0.0, 1024.0, 1024.0], [-5.0, 1000.0, 30.0, 1030.0]))),
+}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request, tmp_path):
+    spec = CASES[request.param]
+    source = make_source(tmp_path, **spec["source"])
+    findings = make_findings(source, **spec["findings"])
+    return request.param, source, findings
+
+
+def test_every_object_passes_dciodvfy(case, tmp_path):
+    name, source, findings = case
+    results = build_results(source, findings, unit_image(source))
+    assert set(results) == set(OUTPUT_TYPES)
+    for kind, ds in results.items():
+        path = write(ds, tmp_path / f"{name}_{kind}.dcm")
+        back = pydicom.dcmread(path)
+        assert back.SOPInstanceUID == ds.SOPInstanceUID
+        assert dciodvfy_errors(path) == [], f"{name} {kind}"
+
+
+def test_dciodvfy_reports_a_broken_object(tmp_path):
+    """The validator used above does flag a missing required attribute."""
+    source = make_source(tmp_path)
+    gsps = build_gsps(source, make_findings(source))
+    del gsps.DisplayedAreaSelectionSequence
+    assert dciodvfy_errors(write(gsps, tmp_path / "broken.dcm"))
+
+
+def dsrdump(path: Path) -> str:
+    run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_sr_positive_as_dsrdump_reads_it(tmp_path):
+    source = make_source(tmp_path)
+    text = dsrdump(write(build_sr(source, make_findings(source)), tmp_path / "sr.dcm"))
+    assert '"Imaging Measurement Report"' in text
+    assert 'CODE:(,,"Tuberculosis")=(52101004,SCT,"Present")' in text
+    assert re.search(r'NUM:\(,,"Probability"\)="0\.83" \(\{probability\},UCUM', text)
+    assert 'NUM:(,,"Threshold Value")="0.5"' in text
+    assert '"Tracking Identifier")="Nodule 1"' in text and '"Nodule 2"' in text
+    assert text.count('CODE:(,,"Finding")=(27925004,SCT,"Nodule")') == 3  # summary + 2
+    assert 'NUM:(,,"Long axis")="12.0" (mm,UCUM' in text
+    assert "SCOORD:(,,\"Image Region\")=(POLYLINE,200/300" in text
+    assert 'TEXT:(,,"Algorithm Name")="tb_classifier"' in text
+    assert 'TEXT:(,,"Algorithm Name")="nodule_detector"' in text
+    assert 'TEXT:(,,"Algorithm Version")="0.1.0"' in text
+    assert "Content Date/Time   : 2024-05-01 10:16:00" in text
+
+
+def test_sr_negative_and_without_spacing(tmp_path):
+    source = make_source(tmp_path, spacing=False)
+    negative = dsrdump(write(build_sr(source, make_findings(source, positive=False, nodules=0)),
+                             tmp_path / "neg.dcm"))
+    assert 'CODE:(,,"Tuberculosis")=(272519000,SCT,"Absent")' in negative
+    assert 'CODE:(,,"Nodule")=(272519000,SCT,"Absent")' in negative
+    assert "SCOORD" not in negative and "Nodule 1" not in negative
+    no_mm = dsrdump(write(build_sr(source, make_findings(source, spacing=False)),
+                          tmp_path / "nomm.dcm"))
+    assert "Long axis" not in no_mm and "SCOORD" in no_mm
+
+
+def test_sr_content_read_back_with_highdicom(tmp_path):
+    source = make_source(tmp_path)
+    findings = make_findings(source)
+    sr = hd.sr.srread(io.BytesIO(to_bytes(build_sr(source, findings))))
+    report = sr.content
+    rois = report.get_planar_roi_measurement_groups()
+    assert len(rois) == 2
+    for group, nodule, index in zip(rois, findings.nodules, (1, 2)):
+        assert group.tracking_identifier == f"Nodule {index}"
+        assert UID(group.tracking_uid).is_valid
+        region = group.roi
+        assert region.value_type == hd.sr.ValueTypeValues.SCOORD
+        points = region.value
+        assert points.shape == (5, 2) and np.array_equal(points[0], points[-1])
+        x1, y1, x2, y2 = nodule.box
+        assert points[:, 0].min() == x1 and points[:, 0].max() == x2
+        assert points[:, 1].min() == y1 and points[:, 1].max() == y2
+        ref = region.ReferencedSOPSequence[0] if "ReferencedSOPSequence" in region else \
+            region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        long_axis = [m for m in group.get_measurements() if m.name.meaning == "Long axis"]
+        assert float(long_axis[0].value) == nodule.diameter_mm
+    image_groups = report.get_image_measurement_groups()
+    tb_group = [g for g in image_groups if g.tracking_identifier == "TB"][0]
+    probability = [m for m in tb_group.get_measurements() if m.name.meaning == "Probability"][0]
+    assert float(probability.value) == pytest.approx(findings.tb.score)
+    assert probability.unit.value == "{probability}"
+    assert sr.ContentQualification == "RESEARCH"
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == \
+        source.StudyInstanceUID
+    air = [item for item in sr.ContributingEquipmentSequence
+           if item.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+    assert len(air) == 1
+    assert air[0].PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+    assert air[0].Manufacturer == Equipment().manufacturer
+    assert air[0].SoftwareVersions == Equipment().software_version
+
+
+def render(gsps_path: Path, source_path: Path, workdir: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """dcmp2pgm's rendering of the image under the state, its AI overlay, and its dump."""
+    out = workdir / "out.pgm"
+    run = subprocess.run(["dcmp2pgm", "-v", "-p", str(gsps_path), str(source_path), str(out)],
+                         capture_output=True, text=True, timeout=60, cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    dump = run.stdout + run.stderr
+    image = np.asarray(Image.open(out)).astype(int)
+    placed = re.search(r"columns=(\d+) rows=(\d+) left=(\d+) top=(\d+)", dump)
+    if placed is None or not (workdir / "ovl_0101.pgm").exists():
+        return image, None, dump
+    columns, rows, left, top = (int(v) for v in placed.groups())
+    overlay = np.zeros_like(image)
+    overlay[top:top + rows, left:left + columns] = np.asarray(Image.open(workdir / "ovl_0101.pgm"))
+    return image, overlay, dump
+
+
+@pytest.mark.parametrize("monochrome1", [False, True])
+def test_gsps_rendered_by_dcmp2pgm(tmp_path, monochrome1):
+    source = make_source(tmp_path, monochrome1=monochrome1, name=VIETNAMESE)
+    findings = make_findings(source)
+    source_path = write(source, tmp_path / "source.dcm")
+    gsps_path = write(build_gsps(source, findings), tmp_path / "gsps.dcm")
+    image, overlay, dump = render(gsps_path, source_path, tmp_path)
+    assert image.shape == (SIZE, SIZE)
+    # Displayed like the source: its window, and MONOCHROME1 not turned into a negative.
+    expected = unit_image(source)
+    expected_full = np.kron(expected, np.ones((2, 2)))
+    assert np.abs(image - expected_full * 255).mean() < 4.0
+    assert image[SIZE // 2, SIZE // 2] > image[10, 10] + 100
+    # What DCMTK reads from the state: the boxes, the labels, the TB line.
+    assert "Graphic Layer #1 [AI]" in dump
+    assert "type=polyline filled=no units=pixel" in dump
+    assert "200\\300, 260\\300, 260\\360, 200\\360, 200\\300" in dump
+    assert '"Nodule 0.91 12 mm"' in dump and '"TB score 0.83 - refer"' in dump
+    # The box is visible once the activated overlay is drawn over the rendering.
+    assert overlay is not None and overlay.shape == image.shape
+    composed = np.maximum(image, overlay)
+    edge_row, inside_row = 300, 330
+    assert (composed[edge_row, 205:255] == 255).all()
+    assert (image[edge_row, 205:255] < 250).all()
+    assert (overlay[inside_row, 210:250] == 0).all()
+    assert (composed[500, 605:695] == 255).all() and (overlay[100, :] == 0).all()
+
+
+def test_gsps_references_and_lut(tmp_path):
+    for monochrome1, shape in ((False, "IDENTITY"), (True, "INVERSE")):
+        source = make_source(tmp_path, monochrome1=monochrome1)
+        gsps = pydicom.dcmread(io.BytesIO(to_bytes(build_gsps(source, make_findings(
+            source, positive=False, nodules=0)))))
+        series = gsps.ReferencedSeriesSequence[0]
+        assert series.SeriesInstanceUID == source.SeriesInstanceUID
+        assert series.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        area = gsps.DisplayedAreaSelectionSequence[0]
+        assert list(area.DisplayedAreaBottomRightHandCorner) == [SIZE, SIZE]
+        assert float(gsps.SoftcopyVOILUTSequence[0].WindowCenter) == float(source.WindowCenter)
+        assert gsps.PresentationLUTShape == shape
+        texts = [t.UnformattedTextValue
+                 for t in gsps.GraphicAnnotationSequence[0].TextObjectSequence]
+        assert texts[0] == "TB score 0.12" and "No nodules marked" in texts
+        assert "GraphicObjectSequence" not in gsps.GraphicAnnotationSequence[0]
+
+
+def test_sc_pixels_show_banner_and_boxes(tmp_path):
+    source = make_source(tmp_path)
+    findings = make_findings(source)
+    sc = pydicom.dcmread(io.BytesIO(to_bytes(build_sc(source, findings, unit_image(source),
+                                                       max_side=400))))
+    assert sc.PhotometricInterpretation == "MONOCHROME2" and sc.BitsAllocated == 8
+    assert sc.BurnedInAnnotation == "YES"
+    assert max(sc.Rows, sc.Columns) <= 400
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    pixels = sc.pixel_array
+    banner = sc.Rows - sc.Columns          # square source: the banner is the extra rows
+    assert banner > 20
+    scale = sc.Columns / SIZE
+    assert (pixels[:banner] > 200).sum() > 100       # white text on the dark banner
+    for box in BOXES:
+        x1, y1, x2, y2 = (v * scale for v in box)
+        middle = round((x1 + x2) / 2)
+        assert pixels[banner + round(y1), middle] == 255, box       # the white edge
+        inside = pixels[banner + round((y1 + y2) / 2), middle]
+        assert 0 < inside < 255                                     # tissue shows through
+
+
+def test_annotate_color_thumbnail(tmp_path):
+    source = make_source(tmp_path)
+    thumb = annotate_image(unit_image(source), make_findings(source), max_side=256, color=True)
+    assert thumb.mode == "RGB" and max(thumb.size) <= 256
+    pixels = np.asarray(thumb)
+    assert ((pixels[..., 0] == 255) & (pixels[..., 1] == 200) & (pixels[..., 2] == 0)).any()
+
+
+def test_rebuild_gives_identical_bytes_and_uids(tmp_path):
+    source = make_source(tmp_path, monochrome1=True, name=VIETNAMESE)
+    findings = make_findings(source)
+    unit = unit_image(source)
+    first = {k: to_bytes(v) for k, v in build_results(source, findings, unit).items()}
+    again = {k: to_bytes(v) for k, v in build_results(source, findings, unit).items()}
+    assert first == again
+    versions = ["tb_classifier@0.1.0", "nodule_detector@0.1.0"]
+    uids = set()
+    for kind, data in first.items():
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert ds.SOPInstanceUID == result_uid(source.SOPInstanceUID, versions, kind)
+        assert ds.SeriesInstanceUID == result_series_uid(source.StudyInstanceUID, kind, versions)
+        uids |= {ds.SOPInstanceUID, ds.SeriesInstanceUID}
+    assert len(uids) == 6
+    newer = build_results(source, make_findings(source, version="0.2.0"), unit)
+    for kind, ds in newer.items():
+        old = pydicom.dcmread(io.BytesIO(first[kind]))
+        assert ds.SOPInstanceUID != old.SOPInstanceUID
+        assert ds.SeriesInstanceUID != old.SeriesInstanceUID
+
+
+def test_patient_and_study_carried_exactly(tmp_path):
+    source_path = write(make_source(tmp_path, monochrome1=True, name=VIETNAMESE),
+                        tmp_path / "source.dcm")
+    source = pydicom.dcmread(source_path)
+    raw_source = pydicom.dcmread(source_path)
+    results = build_results(source, make_findings(source), unit_image(source))
+    keywords = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate",
+                "PatientSex", "PatientAge", "StudyDate", "StudyTime", "AccessionNumber",
+                "ReferringPhysicianName", "StudyID", "StudyInstanceUID")
+    for kind, number in (("sr", 9001), ("gsps", 9002), ("sc", 9003)):
+        back = pydicom.dcmread(io.BytesIO(to_bytes(results[kind])))
+        for keyword in keywords:
+            assert back.get_item(keyword).value == raw_source.get_item(keyword).value, \
+                (kind, keyword)
+        assert str(back.PatientName) == VIETNAMESE
+        assert back.SeriesNumber == number and back.InstanceNumber == 3
+        assert "NOT FOR CLINICAL USE" in back.SeriesDescription
+        assert len(back.SeriesDescription) <= 64
+
+
+def test_clinical_models_and_given_analysis_time(tmp_path):
+    source = make_source(tmp_path)
+    when = datetime.datetime(2024, 6, 2, 8, 30, 5)
+    sr = pydicom.dcmread(io.BytesIO(to_bytes(
+        build_sr(source, make_findings(source, clinical=True), analysis_time=when))))
+    assert sr.ContentQualification == "PRODUCT"
+    assert "NOT FOR CLINICAL USE" not in sr.SeriesDescription
+    assert (sr.ContentDate, sr.ContentTime) == ("20240602", "083005")
+    assert sr.InstanceCreationDate == "20240602"
+    undated = make_source(tmp_path, dated=False)
+    gsps = pydicom.dcmread(io.BytesIO(to_bytes(build_gsps(undated, make_findings(undated)))))
+    assert gsps.PresentationCreationDate == "19700101"   # no clock read, still reproducible
+
+
+def test_bad_inputs_are_refused_with_named_arguments(tmp_path):
+    source = make_source(tmp_path)
+    findings = make_findings(source)
+    with pytest.raises(ValueError, match="sop_instance_uid"):
+        build_sr(source, replace(findings, sop_instance_uid="1.2.3"))
+    with pytest.raises(ValueError, match="eligible"):
+        build_gsps(source, replace(findings, eligible=False, reason="lateral view"))
+    with pytest.raises(ValueError, match="rows/columns"):
+        build_sr(source, replace(findings, rows=512, columns=512))
+    with pytest.raises(ValueError, match="outputs"):
+        build_results(source, findings, None, outputs=("sr", "pdf"))
+    with pytest.raises(ValueError, match="unit_image"):
+        build_results(source, findings, None, outputs=("sc",))
+    with pytest.raises(ValueError, match="Equipment.manufacturer"):
+        Equipment(manufacturer="x" * 65)
+    with pytest.raises(ValueError, match="object_type"):
+        result_uid(source.SOPInstanceUID, ["m@1"], "pdf")
+    assert result_uid("1.2.3", ["a@1", "b@2"], "sr") == result_uid("1.2.3", ["b@2", "a@1"], "sr")
+    uid = result_uid("1.2.3", ["a@1"], "sr")
+    assert uid.startswith("2.25.") and UID(uid).is_valid and len(uid) <= 64
