@@ -10,7 +10,7 @@ SERVICE_USER=edge
 args=("$@")
 for arg in "$@"; do
     case "$arg" in
-        --config|--config=*) EDGE_CONFIG="" ;;
+        --config|--config=*|-c) EDGE_CONFIG="" ;;
     esac
 done
 [[ -n "$EDGE_CONFIG" ]] && args=(--config "$EDGE_CONFIG" "${args[@]}")

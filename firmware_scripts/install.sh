@@ -25,6 +25,7 @@ Options:
   --python PATH         base interpreter for the virtualenv (default: $DEFAULT_PYTHON)
   --extras LIST         pip extras to install (default: tensorrt; "" for none)
   --wheelhouse DIR      install offline from wheels in DIR (pip --no-index)
+  --calibration DIR     INT8 calibration tensors (.npy), needed with --precision int8
   --precision P         TensorRT engine precision: fp16 (default), fp32 or int8
   --performance-mode N  nvpmodel mode (default 0 = MAXN); see jetson_performance.sh
   --no-clocks           do not pin clocks with jetson_clocks (saves power)
@@ -46,6 +47,7 @@ PYTHON="$DEFAULT_PYTHON"
 EXTRAS="tensorrt"
 WHEELHOUSE=""
 PRECISION="fp16"
+CALIBRATION=""
 PERF_MODE=0
 ALLOW_UNSUPPORTED=0
 DO_CLOCKS=1
@@ -65,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --extras) [[ $# -ge 2 ]] || die "option --extras needs a value"; EXTRAS="$2"; shift 2 ;;
         --wheelhouse) need_value "$@"; WHEELHOUSE="$2"; shift 2 ;;
         --precision) need_value "$@"; PRECISION="$2"; shift 2 ;;
+        --calibration) need_value "$@"; CALIBRATION="$2"; shift 2 ;;
         --performance-mode) need_value "$@"; PERF_MODE="$2"; shift 2 ;;
         --no-clocks) DO_CLOCKS=0; shift ;;
         --no-performance) DO_PERFORMANCE=0; shift ;;
@@ -77,6 +80,13 @@ while [[ $# -gt 0 ]]; do
 done
 
 case "$PRECISION" in fp16|fp32|int8) ;; *) die "--precision: '$PRECISION' is not fp16, fp32 or int8" ;; esac
+BUILD_ARGS=(--precision "$PRECISION")
+if [[ -n "$CALIBRATION" ]]; then
+    [[ -d "$CALIBRATION" ]] || die "--calibration: $CALIBRATION is not a directory"
+    BUILD_ARGS+=(--calibration "$(cd "$CALIBRATION" && pwd)")
+elif [[ "$PRECISION" == int8 ]]; then
+    die "--precision int8 needs --calibration DIR (model-input tensors as .npy files)"
+fi
 [[ "$PERF_MODE" =~ ^[0-9]+$ ]] || die "--performance-mode: '$PERF_MODE' is not a mode number"
 [[ -f "$SOURCE/setup.cfg" ]] || die "--source: $SOURCE has no setup.cfg; is it the project tree?"
 SOURCE="$(cd "$SOURCE" && pwd)"
@@ -220,7 +230,7 @@ ensure_engines() {
         ok "engines built and verified"
         return 0
     fi
-    if ! as_service_user "$edge" --config "$EDGE_ETC/edge.toml" engines build --precision "$PRECISION" \
+    if ! as_service_user "$edge" --config "$EDGE_ETC/edge.toml" engines build "${BUILD_ARGS[@]}" \
             || ! as_service_user "$edge" --config "$EDGE_ETC/edge.toml" engines verify; then
         [[ "$PLATFORM_OK" == 1 ]] && die "engine build or verification failed; see the output above"
         warn "engine build/verify failed on this unsupported platform; the service will use ONNX Runtime"

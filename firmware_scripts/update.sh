@@ -26,6 +26,7 @@ Options:
   --python PATH         base interpreter for the virtualenv (default: $DEFAULT_PYTHON)
   --extras LIST         pip extras (default: tensorrt; "" for none)
   --wheelhouse DIR      install offline from wheels in DIR
+  --calibration DIR     INT8 calibration tensors (.npy), needed with --precision int8
   --precision P         engine precision: fp16 (default), fp32, int8
   --health-timeout S    how long the new release has to become healthy (default 60)
   --health-cmd CMD      health check command (default: the new release's
@@ -48,6 +49,7 @@ PYTHON="$DEFAULT_PYTHON"
 EXTRAS="tensorrt"
 WHEELHOUSE=""
 PRECISION="fp16"
+CALIBRATION=""
 HEALTH_TIMEOUT=60
 HEALTH_CMD=""
 ROLLBACK=0
@@ -65,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --extras) [[ $# -ge 2 ]] || die "option --extras needs a value"; EXTRAS="$2"; shift 2 ;;
         --wheelhouse) need_value "$@"; WHEELHOUSE="$2"; shift 2 ;;
         --precision) need_value "$@"; PRECISION="$2"; shift 2 ;;
+        --calibration) need_value "$@"; CALIBRATION="$2"; shift 2 ;;
         --health-timeout) need_value "$@"; HEALTH_TIMEOUT="$2"; shift 2 ;;
         --health-cmd) need_value "$@"; HEALTH_CMD="$2"; shift 2 ;;
         --rollback) ROLLBACK=1; shift ;;
@@ -77,6 +80,13 @@ while [[ $# -gt 0 ]]; do
 done
 
 case "$PRECISION" in fp16|fp32|int8) ;; *) die "--precision: '$PRECISION' is not fp16, fp32 or int8" ;; esac
+BUILD_ARGS=(--precision "$PRECISION")
+if [[ -n "$CALIBRATION" ]]; then
+    [[ -d "$CALIBRATION" ]] || die "--calibration: $CALIBRATION is not a directory"
+    BUILD_ARGS+=(--calibration "$(cd "$CALIBRATION" && pwd)")
+elif [[ "$PRECISION" == int8 ]]; then
+    die "--precision int8 needs --calibration DIR (model-input tensors as .npy files)"
+fi
 [[ "$HEALTH_TIMEOUT" =~ ^[0-9]+$ ]] || die "--health-timeout: '$HEALTH_TIMEOUT' is not a number of seconds"
 if [[ -n "$ROOT" ]]; then
     [[ -d "$ROOT" ]] || die "--root: $ROOT does not exist"
@@ -211,7 +221,7 @@ elif [[ -n "$ROOT" ]]; then
 elif [[ "$DRY_RUN" == 1 ]]; then
     printf 'would: build TensorRT engines for %s (%s) and verify them against ONNX Runtime\n' "$RELEASE" "$PRECISION"
 else
-    if ! as_service_user "$VENV/bin/edge" --config "$CONFIG_ON_BOX" engines build --precision "$PRECISION" \
+    if ! as_service_user "$VENV/bin/edge" --config "$CONFIG_ON_BOX" engines build "${BUILD_ARGS[@]}" \
             || ! as_service_user "$VENV/bin/edge" --config "$CONFIG_ON_BOX" engines verify; then
         die "engines for $RELEASE failed to build or verify; nothing was switched, $OLD is still running"
     fi
