@@ -1,0 +1,236 @@
+"""System health for the status page and /metrics: cached, refreshed in a background thread.
+
+Slow checks (C-ECHO to each destination, temperatures, nvidia-smi) run every
+``interval_s`` seconds in a daemon thread, so a page or a scrape never waits on the
+network. Cheap facts (listener up, queue depths, disk free) are read at each snapshot.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edge.config import Config, Destination
+    from edge.journal import Journal
+
+logger = logging.getLogger(__name__)
+
+_THERMAL_ROOT = Path("/sys/devices/virtual/thermal")
+_JETSON_GPU_LOAD = Path("/sys/devices/gpu.0/load")
+
+
+def delivery_counts_by_destination(journal: "Journal", destinations: Iterable[str] = ()) -> dict[str, dict[str, int]]:
+    """Delivery rows per destination and state, read with our own read-only connection.
+
+    Every configured destination appears (with zeros), as does any destination that still
+    has rows in the journal after it was removed from the config.
+    """
+    from edge.journal import DELIVERY_STATES
+
+    out = {d: {s: 0 for s in DELIVERY_STATES} for d in destinations}
+    uri = f"file:{Path(journal.path).resolve()}?mode=ro"
+    db = sqlite3.connect(uri, uri=True, timeout=5.0)
+    try:
+        rows = db.execute("SELECT destination, state, COUNT(*) FROM deliveries"
+                          " GROUP BY destination, state").fetchall()
+    finally:
+        db.close()
+    for dest, state, n in rows:
+        out.setdefault(dest, {s: 0 for s in DELIVERY_STATES})[state] = n
+    return out
+
+
+def echo_destination(config: "Config", dest: "Destination", timeout_s: float) -> bool:
+    """C-ECHO one configured destination (with DICOM TLS when it is set for it)."""
+    from dicom_node.scu import Peer, echo, make_client_ssl_context
+
+    node = config.node
+    ssl_context = None
+    if dest.tls:
+        ssl_context = make_client_ssl_context(node.tls_ca, node.tls_cert, node.tls_key)
+    peer = Peer(ae_title=dest.ae_title, host=dest.host, port=dest.port,
+                calling_ae_title=dest.calling_ae_title or node.ae_title,
+                ssl_context=ssl_context, timeout_s=timeout_s)
+    outcome = echo(peer)
+    if not outcome.delivered:
+        logger.info("C-ECHO to destination %s failed: %s", dest.name, outcome.message)
+    return outcome.delivered
+
+
+def read_platform() -> dict[str, Any]:
+    """Temperatures and GPU utilization where the platform exposes them; {} parts elsewhere."""
+    temps: list[dict[str, Any]] = []
+    util: float | None = None
+    source = None
+    try:   # Jetson with jetson-stats installed and its service running
+        from jtop import jtop   # type: ignore[import-not-found]
+        with jtop(interval=0.5) as jetson:
+            if jetson.ok():
+                stats = jetson.stats
+                for key, value in stats.items():
+                    if key.startswith("Temp") and isinstance(value, (int, float)) and value > -100:
+                        temps.append({"name": key.replace("Temp ", "").strip(), "celsius": float(value)})
+                if isinstance(stats.get("GPU"), (int, float)):
+                    util = float(stats["GPU"])
+                source = "jtop"
+    except Exception:   # not installed, or jtop.service not running
+        pass
+    if source is None and _THERMAL_ROOT.is_dir():
+        for zone in sorted(_THERMAL_ROOT.glob("thermal_zone*")):
+            try:
+                milli = int((zone / "temp").read_text().strip())
+                name = (zone / "type").read_text().strip() or zone.name
+            except (OSError, ValueError):
+                continue
+            if milli > -40000:
+                temps.append({"name": name, "celsius": milli / 1000.0})
+        if temps:
+            source = "sysfs"
+        if _JETSON_GPU_LOAD.is_file():
+            try:   # per mille
+                util = int(_JETSON_GPU_LOAD.read_text().strip()) / 10.0
+                source = "sysfs"
+            except (OSError, ValueError):
+                pass
+    if source is None and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,temperature.gpu,utilization.gpu",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                                 timeout=5, check=True).stdout
+            for line in out.strip().splitlines():
+                idx, temp, load = (x.strip() for x in line.split(","))
+                temps.append({"name": f"gpu{idx}", "celsius": float(temp)})
+                util = float(load) if util is None else max(util, float(load))
+            source = "nvidia-smi"
+        except (OSError, subprocess.SubprocessError, ValueError):
+            logger.debug("nvidia-smi present but unreadable", exc_info=True)
+    return {"source": source, "temperatures": temps, "gpu_utilization_percent": util}
+
+
+class HealthMonitor:
+    """Cached health of the box: listener, destinations, queues, disk, models, platform."""
+
+    def __init__(self, config: "Config", journal: "Journal", *, models: list[dict] | None = None,
+                 listener_up: Callable[[], bool] = lambda: True, interval_s: float = 30.0,
+                 echo_timeout_s: float = 5.0) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s: must be > 0, got {interval_s}")
+        self.config = config
+        self.journal = journal
+        self.models = list(models or [])
+        self.listener_up = listener_up
+        self.interval_s = float(interval_s)
+        self.echo_timeout_s = float(echo_timeout_s)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._destinations: dict[str, dict[str, Any]] = {
+            d.name: self._dest_entry(d, None, None) for d in config.destinations}
+        self._platform: dict[str, Any] = {"source": None, "temperatures": [], "gpu_utilization_percent": None}
+        self._checked_at: float | None = None
+
+    @staticmethod
+    def _dest_entry(dest: "Destination", reachable: bool | None, checked_at: float | None) -> dict[str, Any]:
+        return {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
+                "reachable": reachable, "checked_at": checked_at}
+
+    # ------------------------------------------------------------------ thread
+    def start(self) -> "HealthMonitor":
+        """Start the background refresh (first check at once); idempotent."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="edge-health", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def request_refresh(self) -> None:
+        """Ask the background thread to check again now (the page never waits for it)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:   # keep the thread alive whatever one check does
+                logger.exception("health check failed")
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ checks
+    def refresh(self) -> None:
+        """Run the slow checks now, in the calling thread (the background thread uses it)."""
+        for dest in self.config.destinations:
+            try:
+                ok = echo_destination(self.config, dest, self.echo_timeout_s)
+            except Exception as exc:
+                logger.info("C-ECHO to destination %s failed: %s", dest.name, exc)
+                ok = False
+            with self._lock:
+                self._destinations[dest.name] = self._dest_entry(dest, ok, time.time())
+        platform = read_platform()
+        with self._lock:
+            self._platform = platform
+            self._checked_at = time.time()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Health now: cached slow checks plus fresh queue depths, disk and listener."""
+        with self._lock:
+            destinations = [dict(d) for d in self._destinations.values()]
+            platform = dict(self._platform)
+            checked_at = self._checked_at
+        problems: list[str] = []
+        try:
+            listener = bool(self.listener_up())
+        except Exception:
+            logger.exception("listener_up() raised")
+            listener = False
+        if not listener:
+            problems.append("listener_down")
+        queues: dict[str, Any] = {}
+        oldest = None
+        try:
+            by_state = self.journal.count_instances_by_state()
+            per_dest = delivery_counts_by_destination(self.journal, (d.name for d in self.config.destinations))
+            oldest = self.journal.oldest_pending_delivery_age()
+            queues = {"analysis": by_state.get("received", 0) + by_state.get("analyzing", 0),
+                      "instances": by_state,
+                      "delivery": {d: c.get("pending", 0) + c.get("retrying", 0) for d, c in per_dest.items()},
+                      "gave_up": sum(c.get("gave_up", 0) for c in per_dest.values())}
+        except Exception:
+            logger.exception("journal unreadable for the health snapshot")
+            problems.append("journal_unreadable")
+        if queues.get("gave_up"):
+            problems.append("deliveries_gave_up")
+        for d in destinations:
+            if d["reachable"] is False:
+                problems.append(f"destination_unreachable:{d['name']}")
+        disk = self._disk()
+        if disk.get("low"):
+            problems.append("disk_low")
+        return {"listener_up": listener, "destinations": destinations, "queues": queues,
+                "oldest_pending_delivery_s": oldest, "disk": disk, "models": list(self.models),
+                "platform": platform, "checked_at": checked_at, "now": time.time(),
+                "ok": not problems, "problems": problems}
+
+    def _disk(self) -> dict[str, Any]:
+        reserve = self.config.storage.min_free_mb * 1024 * 1024
+        try:
+            usage = shutil.disk_usage(self.config.storage_dir)
+        except OSError as exc:
+            return {"error": str(exc), "low": True}
+        return {"free_bytes": usage.free, "total_bytes": usage.total, "reserve_bytes": reserve,
+                "low": usage.free < reserve}

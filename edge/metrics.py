@@ -1,0 +1,240 @@
+"""Prometheus metrics of the appliance, in a ``CollectorRegistry`` that is passed around.
+
+Event counters and histograms are updated by the pipeline and the outbox through
+``Metrics``; queue depths, delivery states and disk space are read from the journal and
+the file system at scrape time (``JournalCollector``), so they are never stale.
+
+No label carries patient data or UIDs: labels are calling AE titles, destination names,
+stage names, fixed skip-reason categories and model names/versions.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edge.journal import Journal
+
+logger = logging.getLogger(__name__)
+
+# 10 ms .. 10 s, plus a tail for slow deliveries and cold starts.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+STAGES = ("store", "decode", "preprocess", "tb", "nodule", "report", "deliver")
+DELIVERY_OUTCOMES = ("sent", "retry", "gave_up")
+FINISHED_STATES = ("analyzed", "skipped", "failed")
+
+# Skip reasons are free text written by triage; metrics and the status page use these
+# categories. Order matters: the first pattern that matches wins.
+SKIP_REASON_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("lateral_view", r"\blateral\b|\bLL\b|\bLAT\b"),
+    ("wrong_modality", r"modality"),
+    ("not_chest", r"body ?part|not (a )?chest|chest"),
+    ("view_position", r"\bview\b|position"),
+    ("patient_age", r"\bage\b|young|child|paediatric|pediatric|years"),
+    ("image_too_small", r"too small|smaller|min_side|minimum size"),
+    ("image_too_large", r"too large|larger|max_side|maximum size"),
+    ("multi_frame", r"frame"),
+    ("unsupported_pixels", r"photometric|colou?r|rgb|bits|pixel"),
+    ("not_an_image", r"sop class|not an image|no pixel"),
+    ("duplicate", r"duplicate"),
+)
+SKIP_REASONS = tuple(name for name, _ in SKIP_REASON_PATTERNS) + ("other",)
+_SKIP_RES = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in SKIP_REASON_PATTERNS)
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_.\- ]{1,64}$")
+
+
+def skip_reason_category(reason: str | None) -> str:
+    """Map a free-text skip reason to a short fixed category (``"other"`` if unknown)."""
+    if not reason:
+        return "other"
+    text = str(reason).strip()
+    if text in SKIP_REASONS:
+        return text
+    for name, pattern in _SKIP_RES:
+        if pattern.search(text):
+            return name
+    return "other"
+
+
+def _safe_label(value: str, what: str) -> str:
+    """A bounded, printable label value; anything odd becomes "invalid" (never raises)."""
+    value = (value or "").strip()
+    if not value:
+        return "unknown"
+    if not _LABEL_RE.fullmatch(value):
+        logger.warning("metrics: %s label %r is not a plain name; recorded as 'invalid'", what, value[:20])
+        return "invalid"
+    return value
+
+
+class Metrics:
+    """Counters and histograms of one appliance process (no multiprocess mode)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._lock = threading.Lock()
+        self._journal_collector: JournalCollector | None = None
+        self.received = Counter("edge_instances_received", "DICOM instances stored and journaled",
+                                ["calling_ae"], registry=self.registry)
+        self.analyzed = Counter("edge_instances_analyzed", "Instances analyzed by the models",
+                                registry=self.registry)
+        self.skipped = Counter("edge_instances_skipped", "Instances not analyzed, by reason category",
+                               ["reason"], registry=self.registry)
+        self.failed = Counter("edge_instances_failed", "Instances whose analysis failed",
+                              registry=self.registry)
+        self.stage_seconds = Histogram("edge_stage_seconds", "Time spent per pipeline stage",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.end_to_end_seconds = Histogram(
+            "edge_end_to_end_seconds", "From instance received to its last result delivered",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.deliveries = Counter("edge_deliveries", "Delivery attempts of result objects, by outcome",
+                                  ["destination", "outcome"], registry=self.registry)
+        self.model_info = Gauge("edge_model_info", "Loaded models (value is always 1)",
+                                ["name", "version", "backend"], registry=self.registry)
+        for stage in STAGES:   # series exist from the start, so rate() and p95 work at once
+            self.stage_seconds.labels(stage=stage)
+
+    def instance_received(self, calling_ae: str) -> None:
+        self.received.labels(calling_ae=_safe_label(calling_ae, "calling_ae")).inc()
+
+    def instance_finished(self, state: str, reason: str | None = None) -> None:
+        """Count a final state; ``reason`` (free text) is used only for skipped instances."""
+        if state == "analyzed":
+            self.analyzed.inc()
+        elif state == "skipped":
+            self.skipped.labels(reason=skip_reason_category(reason)).inc()
+        elif state == "failed":
+            self.failed.inc()
+        else:
+            raise ValueError(f"state: {state!r} is not one of {', '.join(FINISHED_STATES)}")
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record one stage duration (store, decode, preprocess, tb, nodule, report, deliver)."""
+        if stage not in STAGES:
+            stage = _safe_label(stage, "stage").lower()
+        self.stage_seconds.labels(stage=stage).observe(max(0.0, float(seconds)))
+
+    def observe_end_to_end(self, seconds: float) -> None:
+        self.end_to_end_seconds.observe(max(0.0, float(seconds)))
+
+    def delivery_outcome(self, destination: str, outcome: str) -> None:
+        if outcome not in DELIVERY_OUTCOMES:
+            raise ValueError(f"outcome: {outcome!r} is not one of {', '.join(DELIVERY_OUTCOMES)}")
+        self.deliveries.labels(destination=_safe_label(destination, "destination"), outcome=outcome).inc()
+
+    def set_model_info(self, models: list[dict]) -> None:
+        """Replace the model info series with one per model dict {name, version, backend}."""
+        with self._lock:
+            self.model_info.clear()
+            for i, model in enumerate(models):
+                try:
+                    labels = {k: _safe_label(str(model[k]), k) for k in ("name", "version", "backend")}
+                except KeyError as exc:
+                    raise ValueError(f"models[{i}]: missing key {exc.args[0]!r}") from None
+                self.model_info.labels(**labels).set(1)
+
+    def watch_journal(self, journal: "Journal", storage_dir: str | Path, *,
+                      destinations: Iterable[str] = (),
+                      health: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Export journal queue depths, disk space and (optionally) health at scrape time.
+
+        Calling it again replaces what is watched (one collector per registry).
+        """
+        with self._lock:
+            if self._journal_collector is None:
+                self._journal_collector = JournalCollector(journal, storage_dir, destinations, health)
+                self.registry.register(self._journal_collector)
+            else:
+                self._journal_collector.retarget(journal, storage_dir, destinations, health)
+
+
+class JournalCollector(Collector):
+    """Gauges read from the journal and the disk when Prometheus scrapes."""
+
+    def __init__(self, journal: "Journal", storage_dir: str | Path, destinations: Iterable[str],
+                 health: Callable[[], dict[str, Any]] | None) -> None:
+        self.retarget(journal, storage_dir, destinations, health)
+
+    def retarget(self, journal: "Journal", storage_dir: str | Path, destinations: Iterable[str],
+                 health: Callable[[], dict[str, Any]] | None) -> None:
+        self._journal = journal
+        self._storage_dir = Path(storage_dir)
+        self._destinations = tuple(destinations)
+        self._health = health
+
+    def describe(self):   # no describe at registration: collect() reads the journal
+        return []
+
+    def collect(self):
+        from edge.health import delivery_counts_by_destination   # edge.health imports no metrics
+
+        try:
+            by_state = self._journal.count_instances_by_state()
+            per_dest = delivery_counts_by_destination(self._journal, self._destinations)
+            oldest = self._journal.oldest_pending_delivery_age()
+        except Exception:   # a scrape must not fail because the journal is busy or gone
+            logger.exception("metrics: could not read the journal")
+            by_state, per_dest, oldest = None, None, None
+        if by_state is not None and per_dest is not None:
+            depth = GaugeMetricFamily("edge_queue_depth", "Work waiting: analysis (received+analyzing),"
+                                      " delivery (pending+retrying) per destination",
+                                      labels=["queue", "destination"])
+            depth.add_metric(["analysis", ""], by_state.get("received", 0) + by_state.get("analyzing", 0))
+            for dest, counts in sorted(per_dest.items()):
+                depth.add_metric(["delivery", dest], counts.get("pending", 0) + counts.get("retrying", 0))
+            yield depth
+            inst = GaugeMetricFamily("edge_instances_in_state", "Journal instances by state",
+                                     labels=["state"])
+            for state, n in by_state.items():
+                inst.add_metric([state], n)
+            yield inst
+            dl = GaugeMetricFamily("edge_deliveries_in_state", "Journal delivery rows by destination"
+                                   " and state", labels=["destination", "state"])
+            for dest, counts in sorted(per_dest.items()):
+                for state, n in counts.items():
+                    dl.add_metric([dest, state], n)
+            yield dl
+            yield GaugeMetricFamily("edge_oldest_pending_delivery_age_seconds",
+                                    "Age of the oldest result not yet delivered (0 when none)",
+                                    value=oldest or 0.0)
+        try:
+            usage = shutil.disk_usage(self._storage_dir)
+        except OSError as exc:
+            logger.warning("metrics: disk usage of the storage dir unavailable: %s", exc)
+        else:
+            yield GaugeMetricFamily("edge_disk_free_bytes", "Free bytes on the storage volume",
+                                    value=usage.free)
+            yield GaugeMetricFamily("edge_disk_total_bytes", "Size of the storage volume in bytes",
+                                    value=usage.total)
+        if self._health is not None:
+            yield from _health_families(self._health())
+
+
+def _health_families(snap: dict[str, Any]):
+    """Listener, destination reachability and temperatures from a HealthMonitor snapshot."""
+    up = snap.get("listener_up")
+    if up is not None:
+        yield GaugeMetricFamily("edge_listener_up", "DICOM listener accepting associations",
+                                value=1.0 if up else 0.0)
+    reach = GaugeMetricFamily("edge_destination_reachable", "Last C-ECHO to the destination"
+                              " succeeded (1) or failed (0)", labels=["destination"])
+    for dest in snap.get("destinations", []):
+        if dest.get("reachable") is not None:
+            reach.add_metric([dest["name"]], 1.0 if dest["reachable"] else 0.0)
+    yield reach
+    temps = GaugeMetricFamily("edge_temperature_celsius", "Platform temperatures", labels=["sensor"])
+    for sensor in snap.get("platform", {}).get("temperatures", []):
+        temps.add_metric([sensor["name"]], sensor["celsius"])
+    yield temps
+    util = snap.get("platform", {}).get("gpu_utilization_percent")
+    if util is not None:
+        yield GaugeMetricFamily("edge_gpu_utilization_percent", "GPU utilization", value=util)

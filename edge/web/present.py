@@ -1,0 +1,80 @@
+"""What the page and the JSON API show about one instance (one shape for both)."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import url_for
+
+from edge.journal import DeliveryRow, InstanceRow
+from edge.metrics import skip_reason_category
+
+from .images import image_version
+
+# Worst first: the one word for an instance's results (same order as Journal.delivery_summary).
+_DELIVERY_PRIORITY = ("gave_up", "retrying", "pending", "sent")
+
+
+def delivery_word(states: set[str]) -> str:
+    """none, pending, retrying, sent or gave_up for a set of delivery row states."""
+    for state in _DELIVERY_PRIORITY:
+        if state in states:
+            return state
+    return "none"
+
+
+def tb_result(row: InstanceRow) -> str:
+    """The flag on the card: refer, no_signs, no_tb_result, skipped, failed, analyzing, received."""
+    if row.state != "analyzed":
+        return row.state
+    tb = (row.findings or {}).get("tb")
+    if not tb:
+        return "no_tb_result"
+    return "refer" if tb.get("positive") else "no_signs"
+
+
+def display_name(dicom_name: str) -> str:
+    """DICOM PN ``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX`` as people write it."""
+    parts = [p.strip() for p in (dicom_name or "").split("=")[0].split("^")]
+    return " ".join(p for p in parts if p)
+
+
+def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool = False) -> dict[str, Any]:
+    """The instance as the page and /api/instances show it (``full`` adds findings in detail)."""
+    findings = row.findings or {}
+    tb = findings.get("tb") or None
+    analyzed = row.state == "analyzed"
+    per_dest: dict[str, set[str]] = {}
+    for d in deliveries:
+        per_dest.setdefault(d.destination, set()).add(d.state)
+    sent_times = [d.sent_at for d in deliveries if d.sent_at]
+    delivered_all = bool(deliveries) and all(d.state == "sent" for d in deliveries)
+    version = image_version(row)
+    view: dict[str, Any] = {
+        "sop_instance_uid": row.sop_instance_uid,
+        "study_instance_uid": row.study_instance_uid,
+        "patient_name": display_name(row.patient_name),
+        "patient_id": row.patient_id,
+        "modality": row.modality,
+        "calling_ae": row.calling_ae,
+        "state": row.state,
+        "reason": row.reason,
+        "reason_category": skip_reason_category(row.reason) if row.state == "skipped" else None,
+        "result": tb_result(row),
+        "tb_score": tb.get("score") if tb else None,
+        "tb_threshold": tb.get("threshold") if tb else None,
+        "nodule_count": len(findings.get("nodules", [])) if analyzed else None,
+        "demonstration": analyzed and any(not m.get("clinical_use", False) for m in findings.get("models", [])),
+        "received_at": row.received_at,
+        "analyzed_at": row.analyzed_at,
+        "timings_ms": row.timings,
+        "delivery": delivery_word({d.state for d in deliveries}),
+        "delivery_by_destination": {dest: delivery_word(states) for dest, states in sorted(per_dest.items())},
+        "end_to_end_s": (max(sent_times) - row.received_at) if delivered_all and sent_times else None,
+        "thumbnail_url": url_for("pages.image", uid=row.sop_instance_uid, kind="thumb", v=version),
+        "image_url": url_for("pages.image", uid=row.sop_instance_uid, kind="full", v=version),
+        "detail_url": url_for("pages.instance", uid=row.sop_instance_uid),
+    }
+    if full:
+        view["findings"] = row.findings
+        view["deliveries"] = [d.to_dict() for d in deliveries]
+    return view
