@@ -58,12 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engines", help="inference engines: build, list, verify")
     _add_config(p)
-    try:
-        from engines import commands as engine_commands
-    except ImportError:   # pragma: no cover - engines package incomplete
-        engine_commands = None
-    if engine_commands is not None:
-        engine_commands.add_arguments(p)
+    from engines import commands as engine_commands
+    engine_commands.add_arguments(p)
     return parser
 
 
