@@ -131,6 +131,10 @@ def _decode_near(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
     if frame:
         _check_end_marker(frame, syntax)
     if syntax in J2K_SYNTAXES:
+        width, height = _j2k_header(frame)[:2]
+        if (height, width) != (int(ds.Rows), int(ds.Columns)):
+            raise ImagingError(f"image data does not match its header: the JPEG 2000 stream is "
+                               f"{width} x {height}, Rows/Columns say {ds.Columns} x {ds.Rows}")
         levels = reduction_levels(frame, min_side)
         if levels > 0:
             try:

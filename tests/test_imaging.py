@@ -245,6 +245,13 @@ def test_truncated_compressed_pixel_data_raises_imaging_error(variants, tmp_path
             load_for_models(bad, min_side=min_side)
 
 
+def test_j2k_stream_that_disagrees_with_rows_and_columns_is_refused(variants, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(variants["j2k_lossless"][0])
+    ds.Rows = ROWS - 2
+    with pytest.raises(ImagingError, match="does not match its header"):
+        load_for_models(ds, min_side=256)
+
+
 def test_truncated_native_pixel_data_and_non_dicom_file_raise_imaging_error(tmp_path: Path) -> None:
     ds = make_dx(chest_pixels(rows=200, cols=200))
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 * 2]
