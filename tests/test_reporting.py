@@ -408,3 +408,21 @@ def test_bad_inputs_are_refused_with_named_arguments(tmp_path):
     assert result_uid("1.2.3", ["a@1", "b@2"], "sr") == result_uid("1.2.3", ["b@2", "a@1"], "sr")
     uid = result_uid("1.2.3", ["a@1"], "sr")
     assert uid.startswith("2.25.") and UID(uid).is_valid and len(uid) <= 64
+
+
+def test_single_component_name_and_missing_type2_attributes(tmp_path, caplog, recwarn):
+    """Names without a caret are kept as sent and never appear in warnings or logs."""
+    source = make_source(tmp_path, name="MOSTAFA")
+    for keyword in ("PatientSex", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+        del source[keyword]
+    caplog.set_level("DEBUG")
+    results = build_results(source, make_findings(source), unit_image(source))
+    assert str(source.PatientName) == "MOSTAFA"            # the source is untouched
+    for kind, ds in results.items():
+        path = write(ds, tmp_path / f"{kind}.dcm")
+        assert dciodvfy_errors(path) == [], kind
+        back = pydicom.dcmread(path)
+        assert str(back.PatientName) == "MOSTAFA"
+        assert back.PatientSex == "" and back.AccessionNumber == ""
+    messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "MOSTAFA" in m]

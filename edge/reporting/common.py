@@ -16,6 +16,7 @@ import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from pydicom.valuerep import DA, DT, TM
 
 import edge
@@ -252,6 +253,33 @@ def air_equipment(equipment: Equipment, when: datetime.datetime) -> Dataset:
     item.ContributionDateTime = DT(when)
     item.ContributionDescription = "AI analysis of the referenced image"
     return item
+
+
+# Type 2 patient/study attributes highdicom reads from the referenced image.
+_TYPE2_DEFAULTS: tuple[tuple[str, str], ...] = (
+    ("PatientName", "PN"), ("PatientID", "LO"), ("PatientBirthDate", "DA"),
+    ("PatientSex", "CS"), ("AccessionNumber", "SH"), ("StudyID", "SH"),
+    ("StudyDate", "DA"), ("StudyTime", "TM"), ("ReferringPhysicianName", "PN"),
+)
+
+
+def stand_in(source: Dataset) -> Dataset:
+    """The source as handed to highdicom: same elements, person names blanked.
+
+    highdicom checks person names and warns with the name in the message when it has
+    no caret (common from modalities), which would put patient names in the logs, and
+    it fails on missing type 2 attributes that non-conformant modalities leave out.
+    The stand-in shares the source's element objects (no pixel copy) but has empty
+    names and empty stand-ins for missing type 2 attributes; ``finish`` then copies
+    the source's real elements onto the result. The source itself is not modified.
+    """
+    substitute = Dataset({tag: source.get_item(tag) for tag in source.keys()})
+    if hasattr(source, "file_meta"):
+        substitute.file_meta = source.file_meta
+    for keyword, vr in _TYPE2_DEFAULTS:
+        if vr == "PN" or keyword not in source:
+            substitute[keyword] = DataElement(keyword, vr, "")
+    return substitute
 
 
 def copy_patient_and_study(target: Dataset, source: Dataset) -> None:

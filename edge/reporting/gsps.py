@@ -42,6 +42,7 @@ def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Eq
     demo = common.is_demonstration(findings)
     when = common.content_datetime(source, analysis_time)
 
+    ref = common.stand_in(source)   # what highdicom reads; see common.stand_in
     layer = hd.pr.GraphicLayer(
         layer_name=LAYER_NAME, order=1,
         description="AI findings" + (f" - {common.DEMO_NOTE}" if demo else ""),
@@ -49,7 +50,7 @@ def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Eq
     graphics, texts = _nodule_objects(source, findings, versions, rows, columns)
     texts.extend(_summary_texts(findings, demo))
     annotation = hd.pr.GraphicAnnotation(
-        referenced_images=[source], graphic_layer=layer,
+        referenced_images=[ref], graphic_layer=layer,
         graphic_objects=graphics or None, text_objects=texts,
     )
     monochrome1 = source.get("PhotometricInterpretation") == "MONOCHROME1"
@@ -57,7 +58,7 @@ def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Eq
         presentation_lut_shape=(hd.PresentationLUTShapeValues.INVERSE if monochrome1
                                 else hd.PresentationLUTShapeValues.IDENTITY))
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[source],
+        referenced_images=[ref],
         series_instance_uid=result_series_uid(source.StudyInstanceUID, "gsps", versions),
         series_number=common.SERIES_NUMBERS["gsps"],
         sop_instance_uid=result_uid(source.SOPInstanceUID, versions, "gsps"),

@@ -41,7 +41,7 @@ def build_sc(source: Dataset, findings: Findings, unit_image: np.ndarray, *,
     orientation = _patient_orientation(source)
 
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=common.stand_in(source),   # see common.stand_in
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,

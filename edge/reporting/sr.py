@@ -50,6 +50,7 @@ def build_sr(source: Dataset, findings: Findings, *, equipment: Equipment = Equi
     if not groups:
         raise ValueError("findings has neither a TB result nor a nodule model: nothing to report")
 
+    ref = common.stand_in(source)   # what highdicom reads; see common.stand_in
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -67,7 +68,7 @@ def build_sr(source: Dataset, findings: Findings, *, equipment: Equipment = Equi
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source],
+        evidence=[ref],
         content=report,
         series_instance_uid=result_series_uid(source.StudyInstanceUID, "sr", versions),
         series_number=common.SERIES_NUMBERS["sr"],
