@@ -223,6 +223,9 @@ def test_sr_content_read_back_with_highdicom(tmp_path):
         assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
         long_axis = [m for m in group.get_measurements() if m.name.meaning == "Long axis"]
         assert float(long_axis[0].value) == nodule.diameter_mm
+    gsps = build_gsps(source, findings)   # the same finding carries the same tracking UID
+    boxes = gsps.GraphicAnnotationSequence[0].GraphicObjectSequence
+    assert [b.TrackingUID for b in boxes] == [str(g.tracking_uid) for g in rois]
     image_groups = report.get_image_measurement_groups()
     tb_group = [g for g in image_groups if g.tracking_identifier == "TB"][0]
     probability = [m for m in tb_group.get_measurements() if m.name.meaning == "Probability"][0]
