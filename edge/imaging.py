@@ -4,7 +4,8 @@ The models need about 512 pixels a side, not the detector's 2-3k, so decoding st
 JPEG 2000 is decoded at a reduced resolution level (the wavelet's low-pass image, several
 times faster than a full decode); other transfer syntaxes are decoded fully and then
 block-averaged. Either way the result is the full image stretched to ``unit_image``'s
-size, so a point maps back to full resolution exactly by ``x * scale_x, y * scale_y``.
+size, so a point maps back to full resolution by ``x * scale_x, y * scale_y`` (the J2K
+low-pass image is re-centred on the blocks first; see ``align_reduced``).
 
 Grey levels follow PS3.3 C.11: stored values -> Modality LUT (rescale or LUT) -> VOI
 (first window, or the VOI LUT; percentiles when the image has neither) -> MONOCHROME1 or
@@ -138,7 +139,7 @@ def _decode_near(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
         levels = reduction_levels(frame, min_side)
         if levels > 0:
             try:
-                return decode_j2k_reduced(frame, levels), levels
+                return align_reduced(decode_j2k_reduced(frame, levels), levels), levels
             except ImagingError as exc:
                 # a tile may have fewer levels than the main header says: decode fully below
                 logger.warning("reduced JPEG 2000 decode failed (%s); decoding at full resolution", exc)
@@ -237,6 +238,22 @@ def decode_j2k_reduced(frame: bytes, levels: int) -> np.ndarray:
     if signed:
         values -= 1 << (precision - 1)
     return values
+
+
+def align_reduced(reduced: np.ndarray, levels: int) -> np.ndarray:
+    """Resample a reduced J2K image so pixel i is centred where a block mean's pixel i is.
+
+    The wavelet low-pass sample i of level N sits on full-resolution pixel i * 2**N, while
+    the block average of pixels [i * 2**N, (i + 1) * 2**N) is centred (2**N - 1) / 2 pixels
+    further on. A linear interpolation by that fraction of a reduced pixel removes the
+    shift, so ``x * scale_x`` maps back without a bias (edges repeat the last sample).
+    """
+    values = np.asarray(reduced, dtype=np.float32)
+    frac = np.float32((2 ** levels - 1) / 2 ** (levels + 1))
+    if levels <= 0 or min(values.shape) < 2:
+        return values
+    values = (1 - frac) * values + frac * np.concatenate([values[1:], values[-1:]], axis=0)
+    return (1 - frac) * values + frac * np.concatenate([values[:, 1:], values[:, -1:]], axis=1)
 
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:

@@ -216,6 +216,14 @@ def test_j2k_reduced_resolution_maps_back_to_full_resolution_exactly(tmp_path: P
         tolerance = 1.5 * image.scale_x                 # one reduced pixel and a bit
         assert abs(bx1 - x1) <= tolerance and abs(bx2 - x2) <= tolerance
         assert abs(by1 - y1) <= tolerance and abs(by2 - y2) <= tolerance
+    # no half-pixel bias between the wavelet low-pass image and the block mean
+    centroids = []
+    for path in (j2k, src):
+        unit = load_for_models(path, min_side=128).unit_image
+        weight = np.clip(unit - np.median(unit), 0, None)
+        ys, xs = np.mgrid[0:unit.shape[0], 0:unit.shape[1]]
+        centroids.append(((weight * xs).sum() / weight.sum(), (weight * ys).sum() / weight.sum()))
+    assert np.allclose(centroids[0], centroids[1], atol=0.1)
     assert load_for_models(j2k, min_side=128).reduction == 3
 
 
