@@ -8,6 +8,7 @@ a crash or SIGKILL leaves it ``analyzing`` and it is resumed at the next start.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import queue
 import threading
@@ -155,8 +156,10 @@ class Pipeline:
         findings.timings_ms.pop("total", None)
         t0 = time.perf_counter()
         kwargs = {"equipment": self._equipment} if self._equipment is not None else {}
+        # Content dates come from the journal's receive time: a rerun gives identical objects.
+        received = datetime.datetime.fromtimestamp(job.row.received_at).replace(microsecond=0)
         results = build_results(job.source, findings, job.prepared.image.unit_image,
-                                self.outputs, **kwargs)
+                                self.outputs, analysis_time=received, **kwargs)
         objects = []
         for kind, ds in results.items():
             rel = f"results/{ds.StudyInstanceUID}/{kind}_{ds.SOPInstanceUID}.dcm"
