@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +37,7 @@ from engines.preprocess import to_model_input
 logger = logging.getLogger(__name__)
 
 FP_RATES = (0.5, 1.0, 2.0)
+FROC_MIN_SCORE = 0.02   # lowest detection score kept for the FROC sweep
 SMALL_MM = 8.0
 Detection = tuple[float, float, float, float, float]
 
@@ -207,61 +209,26 @@ def generate_heldout(out_dir: Path, count: int, seed: int, *, workers: int = 2) 
 
 
 def read_unit_image(path: Path) -> np.ndarray:
-    """A received DX image as the appliance sees it: 0..1 display polarity, full resolution."""
-    try:
-        from edge.imaging import load_for_models
-    except ImportError:
-        load_for_models = None
-    if load_for_models is not None:
-        image = load_for_models(path, min_side=512)
-        return image.unit_image
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
+    """A received DX image as the appliance sees it (``edge.imaging``): 0..1 display polarity.
 
-    from engines.preprocess import percentile_to_unit, window_to_unit
+    ``edge.imaging`` applies the modality LUT, the DICOM window and MONOCHROME1 inversion and
+    reduces the image to at least 512 px a side; ``to_model_input`` then area-resizes it.
+    """
+    from edge.imaging import load_for_models
 
-    ds = pydicom.dcmread(path)
-    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        first = (lambda v: float(v[0]) if isinstance(v, pydicom.multival.MultiValue) else float(v))
-        unit = window_to_unit(values, first(center), first(width))
-    else:
-        unit = percentile_to_unit(values)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit
+    return load_for_models(path, min_side=512).unit_image
 
 
-# ----------------------------------------------------------------------------- models
+def _load(folder: Path, threads: int = 2) -> Any:
+    """One model folder on ONNX Runtime (CPU), sha256-checked by ``engines.store``."""
+    from engines.store import load_model
 
-class _Model:
-    """One model folder run with ONNX Runtime on the CPU (sha256 checked)."""
+    return load_model(folder, backend="onnxruntime", onnx_device="cpu", intra_op_threads=threads)
 
-    def __init__(self, folder: Path, threads: int = 2) -> None:
-        import hashlib
 
-        import onnxruntime as ort
-
-        try:
-            import tomllib
-        except ModuleNotFoundError:     # Python 3.10
-            import tomli as tomllib
-        self.manifest = tomllib.loads((folder / "manifest.toml").read_text(encoding="utf-8"))
-        data = (folder / self.manifest["model"]["file"]).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != self.manifest["model"]["sha256"]:
-            raise RuntimeError(f"{folder}/model.onnx: sha256 {digest} does not match the manifest")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        self.input = self.manifest["input"]
-
-    def run(self, unit: np.ndarray) -> dict[str, np.ndarray]:
-        inp = self.input
-        tensor = to_model_input(unit, inp["height"], inp["width"], inp["mean"], inp["std"])
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, {inp["name"]: tensor})))
+def _run(model: Any, unit: np.ndarray) -> dict[str, np.ndarray]:
+    inp = model.manifest.input
+    return model.run(to_model_input(unit, inp.height, inp.width, inp.mean, inp.std))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -270,9 +237,13 @@ def evaluate(*, models_dir: Path, count: int, seed: int, workers: int = 2,
              keep_dir: Path | None = None) -> dict[str, Any]:
     """Generate the held-out set, run both models and return all figures as a dict."""
     started = time.monotonic()
-    tb_model = _Model(Path(models_dir) / "tb_classifier")
-    det_model = _Model(Path(models_dir) / "nodule_detector")
-    det_out = det_model.manifest["output"]
+    from engines.decode import decode_centernet
+
+    tb_model = _load(Path(models_dir) / "tb_classifier")
+    det_model = _load(Path(models_dir) / "nodule_detector")
+    det_out = det_model.manifest.output
+    # the FROC sweeps all thresholds, so decode with a low one (everything else as shipped)
+    sweep = replace(det_model.manifest, output=replace(det_out, score_threshold=FROC_MIN_SCORE))
     with tempfile.TemporaryDirectory(prefix="model_eval_") as tmp:
         folder = Path(keep_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -282,17 +253,15 @@ def evaluate(*, models_dir: Path, count: int, seed: int, workers: int = 2,
         tb_pos, tb_neg, per_image = [], [], []
         for item in truth:
             unit = read_unit_image(folder / item["file"])
-            score = float(tb_model.run(unit)[tb_model.manifest["output"]["score"]].reshape(-1)[0])
+            score = float(_run(tb_model, unit)[tb_model.manifest.output.score].reshape(-1)[0])
             (tb_pos if item["tb"] else tb_neg).append(score)
-            outs = det_model.run(unit)
-            dets = decode_detections(outs, stride=det_out["stride"], score_threshold=0.02,
-                                     nms_iou=det_out["nms_iou"], max_detections=det_out["max_detections"])
-            sx = item["cols"] / det_model.input["width"]
-            sy = item["rows"] / det_model.input["height"]
+            dets = decode_centernet(_run(det_model, unit), sweep)
+            sx = item["cols"] / det_model.manifest.input.width
+            sy = item["rows"] / det_model.manifest.input.height
             full = [(d[0] * sx, d[1] * sy, d[2] * sx, d[3] * sy, d[4]) for d in dets]
             per_image.append((full, np.asarray([n["box"] for n in item["nodules"]], np.float64).reshape(-1, 4),
                               [n["diameter_mm"] for n in item["nodules"]]))
-    threshold = float(tb_model.manifest["output"]["threshold"])
+    threshold = float(tb_model.manifest.output.threshold)
     result: dict[str, Any] = {
         "count": count, "seed": seed, "generate_seconds": round(gen_s, 1),
         "image_sizes": [min(t["cols"] for t in truth), max(t["cols"] for t in truth)],
@@ -307,10 +276,10 @@ def evaluate(*, models_dir: Path, count: int, seed: int, workers: int = 2,
                              "sensitivity": float(np.mean(np.asarray(tb_pos) >= threshold)),
                              "specificity": float(np.mean(np.asarray(tb_neg) < threshold))}})
     result["nodules"] = froc(per_image)
-    result["nodules"]["at_threshold"] = operating_point(per_image, float(det_out["score_threshold"]))
+    result["nodules"]["at_threshold"] = operating_point(per_image, float(det_out.score_threshold))
     clean = [p for p in per_image if len(p[1]) == 0]
     result["nodules"]["fp_per_clean_image_at_threshold"] = (
-        operating_point(clean, float(det_out["score_threshold"]))["fp_per_image"] if clean else float("nan"))
+        operating_point(clean, float(det_out.score_threshold))["fp_per_image"] if clean else float("nan"))
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
