@@ -320,18 +320,30 @@ def _shipped_models_present() -> bool:
 
 
 @pytest.mark.skipif(not _shipped_models_present(), reason="trained models not yet in engines/models")
-def test_shipped_models_on_a_phantom(tmp_path) -> None:
+def test_shipped_models_on_a_phantom_in_two_transfer_syntaxes(tmp_path) -> None:
     phantom = pytest.importorskip("engines.train.phantom")
-    case = phantom.generate_case(3, size=2048, tb=True, nodules=2)
-    path = tmp_path / "phantom.dcm"
-    phantom.write_dicom(case, path)
+    pytest.importorskip("engines.train.phantom_dicom")
+    case = phantom.generate_case(3, size=2048, tb=True, nodules=True)
+    paths = []
+    for syntax in ("1.2.840.10008.1.2.1", JPEG2000Lossless):
+        paths.append(tmp_path / f"phantom_{syntax}.dcm")
+        phantom.write_dicom(case, paths[-1], transfer_syntax=syntax)
     loaded = load_models(DEFAULT_MODELS_DIR, "onnxruntime")
     try:
-        findings = Analyzer(loaded).analyze(path)
+        analyzer = Analyzer(loaded)
+        plain, j2k = (analyzer.analyze(path) for path in paths)
     finally:
         for model in loaded.values():
             model.close()
-    assert findings.eligible and 0.0 <= findings.tb.score <= 1.0
-    for n in findings.nodules:
-        assert 0 <= n.box[0] < n.box[2] <= findings.columns and 0 <= n.box[1] < n.box[3] <= findings.rows
-    assert format_findings(findings).startswith("image ")
+    rows, cols = case.pixels.shape
+    for findings in (plain, j2k):
+        assert findings.eligible and (findings.rows, findings.columns) == (rows, cols)
+        assert 0.0 <= findings.tb.score <= 1.0
+        for n in findings.nodules:
+            assert 0 <= n.box[0] < n.box[2] <= cols and 0 <= n.box[1] < n.box[3] <= rows
+            assert n.diameter_mm is not None and n.diameter_mm > 0
+        assert format_findings(findings).startswith("image ")
+    assert abs(plain.tb.score - j2k.tb.score) < 0.05
+    confident = [n for n in plain.nodules if n.score > 0.5]
+    for n in confident:   # a confident detection is found again in the J2K copy, in the same place
+        assert any(np.allclose(n.box, m.box, atol=16) for m in j2k.nodules), n

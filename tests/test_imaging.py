@@ -298,3 +298,23 @@ def test_pixel_spacing_sources() -> None:
     assert pixel_spacing(ds) == (None, None)
     image = load_for_models(make_dx(chest_pixels(rows=64, cols=64), ImagerPixelSpacing=[0.3, 0.3]), min_side=32)
     assert image.pixel_spacing_mm == (0.3, 0.3) and image.spacing_source == "ImagerPixelSpacing"
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_phantom_decodes_to_the_unit_image_the_models_were_trained_on(tmp_path: Path, photometric: str) -> None:
+    phantom = pytest.importorskip("engines.train.phantom")
+    pytest.importorskip("engines.train.phantom_dicom")
+    from engines.preprocess import resize_area
+
+    case = phantom.generate_case(5, size=1100, tb=True, nodules=True, photometric=photometric)
+    expected = phantom.unit_image(case)
+    for syntax in (ExplicitVRLittleEndian, JPEG2000Lossless):
+        path = tmp_path / f"{photometric}_{syntax}.dcm"
+        phantom.write_dicom(case, path, transfer_syntax=syntax)
+        full = load_for_models(path, min_side=4096)
+        assert full.photometric == photometric and full.reduction == 0
+        np.testing.assert_allclose(full.unit_image, expected, atol=1e-6)
+        small = load_for_models(path, min_side=256)
+        reference = resize_area(expected, *small.unit_image.shape)
+        assert np.abs(small.unit_image - reference).mean() < 0.005
+        assert small.pixel_spacing_mm == pytest.approx((case.pixel_spacing_mm,) * 2, rel=0.2)
