@@ -208,7 +208,7 @@ ensure_config() {
         ok "$CONFIG exists, kept as is (template: $SCRIPT_DIR/edge.toml)"
         return 0
     fi
-    act "write default config $CONFIG" install -m 0640 -o 0 -g "$SVC_GID" "$SCRIPT_DIR/edge.toml" "$CONFIG"
+    act "write default config $CONFIG" install -m 0640 -o "$ADMIN_UID" -g "$SVC_GID" "$SCRIPT_DIR/edge.toml" "$CONFIG"
 }
 
 ensure_engines() {
@@ -249,10 +249,9 @@ ensure_performance() {
     if [[ -n "$ROOT" ]]; then
         skip "power mode and clocks apply to the running machine (--root)"
     elif [[ "$DRY_RUN" == 1 ]]; then
-        printf 'would: set power mode %s%s (jetson_performance.sh %s)\n' "$PERF_MODE" \
-            "$([[ "$DO_CLOCKS" == 1 ]] && echo ' and pin clocks')" "${args[*]}"
-    else
-        "$SCRIPT_DIR/jetson_performance.sh" "${args[@]}"
+        "$SCRIPT_DIR/jetson_performance.sh" "${args[@]}" --dry-run
+    elif ! "$SCRIPT_DIR/jetson_performance.sh" "${args[@]}"; then
+        warn "power mode/clocks not set; the service works, with higher or less steady latency"
     fi
     # jetson_clocks does not survive a reboot: a oneshot unit re-applies it at boot.
     if [[ "$DO_CLOCKS" == 1 ]]; then
@@ -318,8 +317,8 @@ fi
 
 ensure_user
 service_ids
-ensure_dir "$PREFIX" 0755 0 0
-ensure_dir "$ROOT$EDGE_ETC" 0750 0 "$SVC_GID"
+ensure_dir "$PREFIX" 0755 "$ADMIN_UID" "$ADMIN_GID"
+ensure_dir "$ROOT$EDGE_ETC" 0750 "$ADMIN_UID" "$SVC_GID"
 ensure_dir "$ROOT$EDGE_DATA" 0750 "$SVC_UID" "$SVC_GID"
 ensure_dir "$ROOT$EDGE_LOGS" 0750 "$SVC_UID" "$SVC_GID"
 ensure_config

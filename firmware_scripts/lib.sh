@@ -15,6 +15,15 @@ EDGE_LOGS=/var/log/edge
 EDGE_UNIT=edge.service
 EDGE_PERF_UNIT=edge-performance.service
 
+# Owner of the files root owns on a real install. Only a --root run (image build, tests)
+# can be unprivileged; its files then belong to the caller.
+ADMIN_UID=0
+ADMIN_GID=0
+if [[ "$(id -u)" != 0 ]]; then
+    ADMIN_UID="$(id -u)"
+    ADMIN_GID="$(id -g)"
+fi
+
 ROOT="${ROOT:-}"
 DRY_RUN="${DRY_RUN:-0}"
 SERVICE_USER="${SERVICE_USER:-edge}"
