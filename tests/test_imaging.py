@@ -107,6 +107,7 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
             "jpegls_lossless": (dcmtk("dcmcjpls", ref12, tmp / "jls.dcm", "+el"), ref12, True),
             "jpegls_near": (dcmtk("dcmcjpls", ref12, tmp / "jls_near.dcm", "+en", "+md", "3"), ref12, False),
             "jpeg_baseline": (dcmtk("dcmcjpeg", ref8, tmp / "baseline.dcm", "+eb", "+q", "95"), ref8, False),
+            "jpeg_extended": (dcmtk("dcmcjpeg", ref12, tmp / "extended.dcm", "+ee", "+q", "95"), ref12, False),
         })
     return out
 
@@ -115,7 +116,8 @@ SYNTAX_OF = {
     "explicit": ExplicitVRLittleEndian, "implicit": ImplicitVRLittleEndian,
     "deflated": DeflatedExplicitVRLittleEndian, "rle_pydicom": RLELossless, "rle_dcmtk": RLELossless,
     "jpeg_sv1": "1.2.840.10008.1.2.4.70", "jpeg_p14": "1.2.840.10008.1.2.4.57",
-    "jpeg_baseline": "1.2.840.10008.1.2.4.50", "jpegls_lossless": JPEGLSLossless,
+    "jpeg_baseline": "1.2.840.10008.1.2.4.50", "jpeg_extended": "1.2.840.10008.1.2.4.51",
+    "jpegls_lossless": JPEGLSLossless,
     "jpegls_pydicom": JPEGLSLossless, "jpegls_near": "1.2.840.10008.1.2.4.81",
     "j2k_lossless": JPEG2000Lossless, "j2k_lossy": JPEG2000,
 }
