@@ -14,7 +14,8 @@ from typing import Callable
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.tag import Tag
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
@@ -169,7 +170,7 @@ class StoreSCP:
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
-        ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES[:2] + [ALL_TRANSFER_SYNTAXES[2]])
+        ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         for sop_class in s.storage_sop_classes:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
         return ae

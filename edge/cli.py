@@ -161,11 +161,11 @@ def cmd_jobs(ns, config: Config) -> int:
 
 
 def cmd_echo(ns, config: Config) -> int:
-    from dicom_node.scu import Peer, echo
+    from dicom_node.scu import echo
+
+    from .outbox import destination_peer
     dest = config.destination(ns.destination)
-    peer = Peer(ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                calling_ae_title=dest.calling_ae_title or config.node.ae_title,
-                timeout_s=min(config.delivery.timeout_s, 15.0))
+    peer = destination_peer(config, dest, timeout_s=min(config.delivery.timeout_s, 15.0))
     started = time.perf_counter()
     outcome = echo(peer)
     ms = (time.perf_counter() - started) * 1000

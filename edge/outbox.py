@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable
 
-from dicom_node.scu import Peer, send_files
+from dicom_node.scu import Peer, make_client_ssl_context, send_files
 
 from .config import Config, Destination
 from .journal import DeliveryRow, Journal
@@ -40,9 +40,7 @@ class Outbox:
         self._threads: list[threading.Thread] = []
 
     def _peer(self, dest: Destination) -> Peer:
-        return Peer(ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                    calling_ae_title=dest.calling_ae_title or self.config.node.ae_title,
-                    timeout_s=self.config.delivery.timeout_s)
+        return destination_peer(self.config, dest)
 
     def start(self) -> "Outbox":
         for dest in self.config.destinations:
@@ -152,3 +150,16 @@ class Outbox:
                     last = max((r.sent_at or 0) for r in rows)
                     self.metrics.observe_end_to_end(max(0.0, last - inst.received_at))
 
+
+
+def destination_peer(config: Config, dest: Destination, timeout_s: float | None = None) -> Peer:
+    """How to reach a destination: AE titles, address, and TLS with the box's own
+    certificate (``node.tls_*``) when the destination asks for it."""
+    ssl_context = None
+    if dest.tls:
+        node = config.node
+        ssl_context = make_client_ssl_context(ca=node.tls_ca, cert=node.tls_cert, key=node.tls_key)
+    return Peer(ae_title=dest.ae_title, host=dest.host, port=dest.port,
+                calling_ae_title=dest.calling_ae_title or config.node.ae_title,
+                ssl_context=ssl_context,
+                timeout_s=timeout_s if timeout_s is not None else config.delivery.timeout_s)
