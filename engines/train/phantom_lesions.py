@@ -1,0 +1,282 @@
+"""Lesions with ground truth: lung nodules and tuberculosis patterns.
+
+Nodules are projected spheres placed inside the lung fields (some over ribs, some behind
+the heart, some calcified). TB patterns: upper-zone patchy consolidation, cavities,
+fibrotic streaks with volume loss, miliary nodules and pleural effusion. Volume loss
+changes the anatomy (lower apex, elevated hilum, pulled trachea), so ``plan_tb`` runs
+before the anatomy is drawn. Boxes are returned in field-of-view millimetres.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engines.train.phantom_anatomy import Anatomy, Lung
+from engines.train.phantom_geometry import (
+    LUNG_AIR, MU_CORTEX, MU_SOFT, Grid, ValueNoise, add_disc, add_tube, smoothstep, sphere,
+)
+
+logger = logging.getLogger(__name__)
+
+TB_KINDS = ("consolidation", "cavity", "fibrosis", "miliary", "effusion")
+
+
+@dataclass
+class NoduleSpec:
+    u: float
+    v: float
+    r: float            # radius, mm
+    mu: float           # attenuation per mm of nodule (net of the lung it replaces)
+    calcified: bool
+    site: str           # "lung" | "rib" | "heart"
+
+
+@dataclass
+class TBPattern:
+    kind: str
+    side: int
+    severity: float                  # 0 subtle .. 1 obvious
+    params: dict = field(default_factory=dict)
+
+
+def _inside(lung: Lung, u: float, v: float, r: float, need: float) -> bool:
+    pts_u = np.array([u, u - r, u + r, u, u], np.float32)
+    pts_v = np.array([v, v, v, v - r, v + r], np.float32)
+    d = lung.thickness(pts_u, pts_v)
+    return bool(d[0] >= need and np.all(d[1:] > 0.3 * need))
+
+
+def sample_nodules(rng: np.random.Generator, anat: Anatomy) -> list[NoduleSpec]:
+    """One to three nodules of 4-30 mm inside the lungs."""
+    count = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
+    out: list[NoduleSpec] = []
+    heart = anat.heart
+    for _ in range(count):
+        calcified = bool(rng.random() < 0.15)
+        diam = float(rng.uniform(4.0, 12.0)) if calcified else float(np.exp(rng.uniform(math.log(4.0), math.log(30.0))))
+        r = diam / 2.0
+        site = str(rng.choice(["lung", "rib", "heart"], p=[0.55, 0.28, 0.17]))
+        for _try in range(200):
+            lung = anat.lungs[int(rng.integers(0, 2))]
+            if site == "heart":
+                lung = anat.lungs[1] if rng.random() < 0.8 else anat.lungs[0]
+            u0, u1, v0, v1 = lung.bbox()
+            u, v = float(rng.uniform(u0, u1)), float(rng.uniform(v0, v1))
+            if site == "rib" and anat.ribs:
+                rib = anat.ribs[int(rng.integers(0, len(anat.ribs)))]
+                if rib.side != lung.side:
+                    continue
+                phi = float(rng.uniform(0.0, min(rib.phi_med, 2.0))) if rng.random() < 0.7 \
+                    else float(rng.uniform(rib.phi_ant, 0.0))
+                c = rib.c_up if phi >= 0 else rib.c_low
+                px, qy = rib.a * math.cos(phi), -c * math.sin(phi)
+                cs, sn = math.cos(rib.psi), math.sin(rib.psi)
+                u = rib.side * (rib.cu + cs * px - sn * qy)
+                v = rib.cv + sn * px + cs * qy
+            hthick = float(heart.thickness(np.array([u], np.float32), np.array([v], np.float32))[0])
+            if site == "heart" and hthick < 30.0:
+                continue
+            if site != "heart" and hthick > 5.0:
+                continue
+            if not _inside(lung, u, v, r, max(2.0 * r + 8.0, 25.0)):
+                continue
+            if any(math.hypot(u - n.u, v - n.v) < r + n.r + 6.0 for n in out):
+                continue
+            if calcified:
+                mu = MU_CORTEX * float(rng.uniform(0.5, 1.1))
+            else:
+                mu = LUNG_AIR * float(rng.uniform(0.4, 1.0))
+            out.append(NoduleSpec(u=u, v=v, r=r, mu=mu, calcified=calcified, site=site))
+            break
+    return out
+
+
+def render_nodules(mu: np.ndarray, grid: Grid, nodules: list[NoduleSpec]) -> None:
+    for n in nodules:
+        add_disc(mu, grid, n.u, n.v, n.r, n.mu)
+
+
+def plan_tb(rng: np.random.Generator, anat: Anatomy) -> list[TBPattern]:
+    """Choose 1-3 TB patterns and apply volume loss to the anatomy (in place)."""
+    n = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
+    kinds = rng.choice(list(TB_KINDS), size=n, replace=False, p=[0.3, 0.2, 0.2, 0.12, 0.18])
+    side = int(rng.choice([-1, 1], p=[0.6, 0.4]))
+    plans = []
+    for kind in kinds:
+        sev = float(rng.random())
+        pside = side if rng.random() < 0.75 else -side
+        p = TBPattern(kind=str(kind), side=pside, severity=sev)
+        lung = anat.lungs[(pside + 1) // 2]
+        if kind == "fibrosis":
+            loss = 6.0 + 22.0 * sev
+            lung.apex_v += loss
+            lung.hilum_v -= 8.0 + 18.0 * sev
+            lung.width *= 1.0 - 0.06 * sev
+            anat.trachea_u += pside * (3.0 + 9.0 * sev)
+            p.params["seed"] = int(rng.integers(0, 2**31))
+        else:
+            p.params["seed"] = int(rng.integers(0, 2**31))
+        plans.append(p)
+    return plans
+
+
+def _upper_zone(lung: Lung) -> tuple[float, float, float, float]:
+    h = lung.base_v - lung.apex_v
+    return (lung.side * 0.52 * lung.width, lung.apex_v + 0.24 * h, 0.36 * lung.width, 0.22 * h)
+
+
+def _block_extent(grid: Grid, sl, mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    i0, i1 = sl[0].start + rows[0], sl[0].start + rows[-1] + 1
+    j0, j1 = sl[1].start + cols[0], sl[1].start + cols[-1] + 1
+    return j0 * grid.sx, i0 * grid.sy, j1 * grid.sx, i1 * grid.sy
+
+
+def render_tb(mu: np.ndarray, grid: Grid, anat: Anatomy, plans: list[TBPattern]) -> list[dict]:
+    """Draw the planned TB patterns; returns ``{"kind", "box"}`` with FOV-mm boxes."""
+    out = []
+    for p in plans:
+        rng = np.random.default_rng(p.params["seed"])
+        lung = anat.lungs[(p.side + 1) // 2]
+        box = _DRAW[p.kind](mu, grid, anat, lung, p.severity, rng)
+        if box is not None:
+            out.append({"kind": p.kind, "box": list(box), "severity": round(p.severity, 3),
+                        "side": "right" if p.side < 0 else "left"})
+    return out
+
+
+def _consolidation(mu, grid, anat, lung, sev, rng):
+    cu, cv, au, av = _upper_zone(lung)
+    au, av = au * (0.7 + 0.5 * sev), av * (0.7 + 0.6 * sev)
+    blk = grid.block(cu - au, cu + au, cv - av, cv + av)
+    if blk is None:
+        return None
+    sl, U, V = blk
+    coarse = ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, 16.0)
+    fine = ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, 6.0)
+    field_ = 0.7 * coarse(U, V) + 0.3 * fine(U, V)
+    zone = np.clip(1.0 - ((U - cu) / au) ** 2 - ((V - cv) / av) ** 2, 0.0, 1.0) ** 0.5
+    thr = 0.62 - 0.2 * sev
+    patch = smoothstep((field_ * (0.6 + 0.4 * zone) - thr) / 0.12) * (zone > 0)
+    depth = lung.thickness(U, V)
+    amp = 0.22 + 0.5 * sev
+    add = LUNG_AIR * amp * depth * patch
+    mu[sl] += add.astype(np.float32)
+    return _block_extent(grid, sl, add > 0.2 * max(float(add.max()), 1e-6))
+
+
+def _cavity(mu, grid, anat, lung, sev, rng):
+    cu0, cv0, au, av = _upper_zone(lung)
+    ro = 9.0 + 14.0 * sev
+    for _ in range(50):
+        u = cu0 + float(rng.uniform(-0.6, 0.6)) * au
+        v = cv0 + float(rng.uniform(-0.6, 0.6)) * av
+        if lung.point_depth(u, v) > 2 * ro + 10:
+            break
+    wall = float(rng.uniform(2.0, 6.0))
+    ri = ro - wall
+    halo = ro * 1.8
+    blk = grid.block(u - halo, u + halo, v - halo, v + halo)
+    if blk is None:
+        return None
+    sl, U, V = blk
+    d2 = (U - u) ** 2 + (V - v) ** 2
+    val = LUNG_AIR * (sphere(d2, ro) - sphere(d2, ri)) - 0.35 * LUNG_AIR * sphere(d2, ri)
+    if rng.random() < 0.3:
+        val = val + LUNG_AIR * sphere(d2, ri) * (V > v + 0.3 * ri)
+    noise = ValueNoise(rng, u - halo, v - halo, 2 * halo, 2 * halo, 7.0)(U, V)
+    halo_w = np.clip(1.0 - d2 / (halo * halo), 0.0, 1.0) * smoothstep((noise - 0.35) / 0.3)
+    val = val + LUNG_AIR * (0.1 + 0.2 * sev) * lung.thickness(U, V) * halo_w * 0.5
+    mu[sl] += val.astype(np.float32)
+    return grid.box_to_fov(u - ro, u + ro, v - ro, v + ro)
+
+
+def _fibrosis(mu, grid, anat, lung, sev, rng):
+    s = lung.side
+    hu, hv = s * lung.hilum_u + lung.mid_u, lung.hilum_v
+    pts = []
+    for _ in range(int(4 + 8 * sev)):
+        u, v = hu + s * float(rng.uniform(-5, 15)), hv + float(rng.uniform(-10, 5))
+        ang = math.radians(float(rng.uniform(-150.0, -50.0)))
+        r = float(rng.uniform(0.6, 1.4))
+        for _k in range(4):
+            ang += math.radians(float(rng.uniform(-18, 18)))
+            step = float(rng.uniform(12.0, 24.0))
+            nu, nv = u + s * step * math.cos(ang), v + step * math.sin(ang)
+            if lung.point_depth(nu, nv) < 5.0:
+                break
+            add_tube(mu, grid, (u, v), (nu, nv), r, r * 0.85, LUNG_AIR * float(rng.uniform(1.0, 1.8)))
+            pts += [(u, v), (nu, nv)]
+            u, v, r = nu, nv, r * 0.85
+    top = lung.apex_v - 10.0
+    us = [p[0] for p in pts] + [s * lung.apex_u - 20, s * lung.apex_u + 20]
+    vs = [p[1] for p in pts] + [top]
+    return grid.box_to_fov(min(us), max(us), min(vs), max(vs))
+
+
+def _miliary(mu, grid, anat, lung, sev, rng):
+    n = int(700 + 2200 * sev)
+    boxes = [lg.bbox() for lg in anat.lungs]
+    u_lo, u_hi = min(b[0] for b in boxes), max(b[1] for b in boxes)
+    v_lo, v_hi = min(b[2] for b in boxes), max(b[3] for b in boxes)
+    cand_u = rng.uniform(u_lo, u_hi, 4 * n).astype(np.float32)
+    cand_v = rng.uniform(v_lo, v_hi, 4 * n).astype(np.float32)
+    depth = np.maximum(*(lg.thickness(cand_u, cand_v) for lg in anat.lungs))
+    keep = np.flatnonzero(depth > 25.0)[:n]
+    us, vs = cand_u[keep], cand_v[keep]
+    radii = rng.uniform(0.5, 1.5, keep.size).astype(np.float32)
+    gain = float(0.9 + 0.6 * sev)
+    xs = grid.cx + grid.cos * us - grid.sin * vs
+    ys = grid.cy + grid.sin * us + grid.cos * vs
+    for lo, hi in ((0.5, 0.85), (0.85, 1.2), (1.2, 1.51)):
+        sel = (radii >= lo) & (radii < hi)
+        if not sel.any():
+            continue
+        r = 0.5 * (lo + hi)
+        kr = int(math.ceil(r / min(grid.sx, grid.sy)))
+        oy, ox = np.mgrid[-kr:kr + 1, -kr:kr + 1]
+        kern = sphere((ox * grid.sx) ** 2 + (oy * grid.sy) ** 2, max(r, 0.75 * max(grid.sx, grid.sy)))
+        kern = kern * ((4.0 / 3.0) * math.pi * r ** 3 / max(kern.sum() * grid.sx * grid.sy, 1e-6))
+        ci = np.floor(ys[sel] / grid.sy).astype(np.int64)
+        cj = np.floor(xs[sel] / grid.sx).astype(np.int64)
+        for dy in range(-kr, kr + 1):
+            for dx in range(-kr, kr + 1):
+                w = kern[dy + kr, dx + kr]
+                if w <= 0:
+                    continue
+                ii, jj = ci + dy, cj + dx
+                ok = (ii >= 0) & (ii < grid.rows) & (jj >= 0) & (jj < grid.cols)
+                np.add.at(mu, (ii[ok], jj[ok]), np.float32(LUNG_AIR * gain * w))
+    if keep.size == 0:
+        return None
+    return (float(xs.min()) - 2, float(ys.min()) - 2, float(xs.max()) + 2, float(ys.max()) + 2)
+
+
+def _effusion(mu, grid, anat, lung, sev, rng):
+    s = lung.side
+    level0 = lung.base_v - (10.0 + 110.0 * sev ** 1.3)
+    rise = 12.0 + 25.0 * sev
+    u0, u1, _, v1 = lung.bbox()
+    blk = grid.block(u0, u1, level0 - rise - 15.0, v1)
+    if blk is None:
+        return None
+    sl, U, V = blk
+    a = s * U
+    medial, lateral = lung.edges(V)
+    frac = np.clip((a - medial - s * lung.mid_u) / np.maximum(lateral - medial, 1.0), 0.0, 1.0)
+    level = level0 - rise * frac ** 2
+    fill = smoothstep((V - level) / 14.0)
+    depth = np.maximum(lung.thickness(U, V) - anat.heart.thickness(U, V), 0.0)
+    add = LUNG_AIR * depth * fill
+    mu[sl] += add.astype(np.float32)
+    return _block_extent(grid, sl, add > 0.25 * LUNG_AIR * 20.0)
+
+
+_DRAW = {"consolidation": _consolidation, "cavity": _cavity, "fibrosis": _fibrosis,
+         "miliary": _miliary, "effusion": _effusion}

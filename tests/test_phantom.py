@@ -1,0 +1,149 @@
+"""Tests for the procedural chest phantom generator (engines.train.phantom)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+
+from engines.train import phantom
+
+DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+
+
+def test_same_seed_same_bytes_and_different_seeds_differ(tmp_path):
+    a = phantom.generate_case(11, size=256)
+    b = phantom.generate_case(11, size=256)
+    c = phantom.generate_case(12, size=256)
+    assert a.pixels.dtype == np.uint16 and a.pixels.ndim == 2
+    assert a.pixels.tobytes() == b.pixels.tobytes()
+    assert a.nodules == b.nodules and a.tb_patterns == b.tb_patterns
+    assert a.pixels.shape != c.pixels.shape or not np.array_equal(a.pixels, c.pixels)
+    phantom.write_dicom(a, tmp_path / "a.dcm")
+    phantom.write_dicom(b, tmp_path / "b.dcm")
+    phantom.write_dicom(c, tmp_path / "c.dcm")
+    assert (tmp_path / "a.dcm").read_bytes() == (tmp_path / "b.dcm").read_bytes()
+    ds_a, ds_c = pydicom.dcmread(tmp_path / "a.dcm"), pydicom.dcmread(tmp_path / "c.dcm")
+    assert ds_a.SOPInstanceUID != ds_c.SOPInstanceUID
+    assert ds_a.StudyInstanceUID != ds_c.StudyInstanceUID
+
+
+def test_case_fields_are_in_range():
+    for seed in range(6):
+        case = phantom.generate_case(seed, size=200)
+        rows, cols = case.pixels.shape
+        assert cols == 200 and 0.89 * cols <= rows <= 1.11 * cols
+        assert 12 <= case.bits_stored <= 16
+        assert int(case.pixels.max()) < (1 << case.bits_stored)
+        assert 350.0 / 200 <= case.pixel_spacing_mm <= 430.0 / 200
+        assert case.photometric in ("MONOCHROME1", "MONOCHROME2")
+        assert case.view in ("PA", "AP")
+        assert case.tb == bool(case.tb_patterns)
+        for n in case.nodules:
+            assert 4.0 <= n["diameter_mm"] <= 30.0
+
+
+def test_defaults_give_about_half_tb_and_half_nodules():
+    cases = [phantom.generate_case(1000 + s, size=96) for s in range(40)]
+    tb = sum(c.tb for c in cases)
+    nod = sum(bool(c.nodules) for c in cases)
+    assert 10 <= tb <= 30, tb
+    assert 10 <= nod <= 30, nod
+    assert {c.photometric for c in cases} == {"MONOCHROME1", "MONOCHROME2"}
+
+
+def test_monochrome1_inverts_polarity():
+    m1 = phantom.generate_case(21, size=256, photometric="MONOCHROME1")
+    m2 = phantom.generate_case(21, size=256, photometric="MONOCHROME2")
+    assert not np.array_equal(m1.pixels, m2.pixels)
+    # stored values run in opposite directions ...
+    assert np.corrcoef(m1.pixels.ravel().astype(float), m2.pixels.ravel().astype(float))[0, 1] < -0.99
+    # ... and the display images agree
+    u1, u2 = phantom.unit_image(m1), phantom.unit_image(m2)
+    assert u1.dtype == np.float32 and 0.0 <= u1.min() and u1.max() <= 1.0
+    assert np.abs(u1 - u2).max() < 1e-3
+    assert u2.std() > 0.1   # the window shows structure, not a flat image
+
+
+def _display_diff(seed: int, size: int = 512):
+    with_n = phantom.generate_case(seed, size=size, nodules=True)
+    without = phantom.generate_case(seed, size=size, nodules=False)
+    sign = 1.0 if with_n.photometric == "MONOCHROME2" else -1.0
+    diff = sign * (with_n.pixels.astype(np.float64) - without.pixels.astype(np.float64))
+    return with_n, without, diff
+
+
+@pytest.mark.parametrize("seed", [3, 8, 31, 77])
+def test_nodule_boxes_lie_on_the_drawn_nodules(seed):
+    case, clean, diff = _display_diff(seed)
+    assert case.nodules, "nodules=True must give at least one nodule"
+    assert clean.nodules == []
+    assert clean.pixels.shape == case.pixels.shape
+    rows, cols = case.pixels.shape
+    for n in case.nodules:
+        x1, y1, x2, y2 = n["box"]
+        assert 0 <= x1 < x2 <= cols and 0 <= y1 < y2 <= rows
+        d_px = n["diameter_mm"] / case.pixel_spacing_mm
+        assert abs((x2 - x1) - d_px) < 0.05 and abs((y2 - y1) - d_px) < 0.05
+        cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, d_px / 2
+        yy, xx = np.mgrid[0:rows, 0:cols]
+        dist = np.hypot(xx + 0.5 - cx, yy + 0.5 - cy)
+        centre = diff[dist <= max(0.5 * r, 1.0)].mean()
+        ring = diff[(dist >= r + 2) & (dist <= r + 6)].mean()
+        assert centre > ring + 2.0, (n, centre, ring)
+    # outside every nodule the two renders are the same anatomy (only noise scaling differs)
+    far = np.ones_like(diff, dtype=bool)
+    for n in case.nodules:
+        x1, y1, x2, y2 = n["box"]
+        far[max(0, int(y1) - 8):int(y2) + 8, max(0, int(x1) - 8):int(x2) + 8] = False
+    assert np.abs(diff[far]).mean() < 0.01 * (case.pixels.max() - case.pixels.min())
+
+
+def test_cli_writes_files_truth_and_valid_dicom(tmp_path):
+    out = tmp_path / "ph"
+    assert phantom.main(["--out", str(out), "--count", "3", "--seed", "4", "--size", "320",
+                         "--tb-fraction", "1", "--nodule-fraction", "1"]) == 0
+    truth = json.loads((out / "truth.json").read_text())
+    files = sorted(p.name for p in out.glob("*.dcm"))
+    assert len(files) == 3 and sorted(truth) == files
+    for name in files:
+        entry = truth[name]
+        assert entry["tb"] is True and entry["nodules"]
+        ds = pydicom.dcmread(out / name)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1.1"
+        assert ds.Modality == "DX" and ds.BodyPartExamined == "CHEST"
+        assert ds.Columns == 320 and ds.Rows == entry["rows"]
+        assert ds.PresentationLUTShape == ("INVERSE" if ds.PhotometricInterpretation == "MONOCHROME1"
+                                           else "IDENTITY")
+        assert float(ds.ImagerPixelSpacing[0]) == pytest.approx(entry["pixel_spacing_mm"], rel=1e-5)
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+        for n in entry["nodules"]:
+            x1, y1, x2, y2 = n["box"]
+            assert 0 <= x1 < x2 <= ds.Columns and 0 <= y1 < y2 <= ds.Rows
+        for p in entry["tb_patterns"]:
+            x1, y1, x2, y2 = p["box"]
+            assert 0 <= x1 < x2 <= ds.Columns and 0 <= y1 < y2 <= ds.Rows
+            assert p["kind"] in ("consolidation", "cavity", "fibrosis", "miliary", "effusion")
+        res = subprocess.run([DCIODVFY, str(out / name)], capture_output=True, text=True, timeout=60)
+        report = res.stdout + res.stderr
+        assert "DXImageForPresentation" in report
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert errors == [], errors
+    # same seed, same files
+    again = tmp_path / "again"
+    assert phantom.main(["--out", str(again), "--count", "3", "--seed", "4", "--size", "320",
+                         "--tb-fraction", "1", "--nodule-fraction", "1"]) == 0
+    for name in files + ["truth.json"]:
+        assert (out / name).read_bytes() == (again / name).read_bytes()
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="photometric"):
+        phantom.generate_case(1, size=128, photometric="RGB")
+    with pytest.raises(ValueError, match="seed"):
+        phantom.generate_case(-1, size=128)
+    with pytest.raises(ValueError, match="size"):
+        phantom.generate_case(1, size=8)
