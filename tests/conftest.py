@@ -132,6 +132,8 @@ class EdgeServer:
             "web": {"host": "127.0.0.1", "port": self.web_port},
             "logging": {"level": "INFO"},
         }
+        if os.environ.get("EDGE_TEST_MODELS_DIR"):   # stand-in models for quick local runs
+            sections["models"] = {"dir": os.environ["EDGE_TEST_MODELS_DIR"]}
         for k, v in (extra or {}).items():
             sections.setdefault(k, {}).update(v)
         self.config = write_config(self.tmp / "edge.toml", sections, destinations)

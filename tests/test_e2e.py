@@ -13,16 +13,6 @@ pytestmark = pytest.mark.slow
 SR, GSPS, SC = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.7"
 
 
-def _models(**extra) -> dict:
-    """Config sections for the models under test (EDGE_TEST_MODELS_DIR overrides the shipped ones)."""
-    import os
-    from engines import DEFAULT_MODELS_DIR
-    models_dir = os.environ.get("EDGE_TEST_MODELS_DIR") or str(DEFAULT_MODELS_DIR)
-    if not any(__import__("pathlib").Path(models_dir).glob("*/manifest.toml")):
-        pytest.skip(f"no models in {models_dir}")
-    return {"models": {"dir": models_dir}, **extra}
-
-
 def _images(tmp_path, n, seed0=0, **kw):
     files, sources = [], {}
     for i in range(n):
@@ -57,7 +47,7 @@ def _complete(pacs, sources):
 def test_results_reach_the_pacs_in_the_source_study(tmp_path, edge_server, orthanc):
     require_tool("storescu")
     pacs = orthanc.start()
-    srv = edge_server(extra=_models(), destinations=[pacs.destination()]).start()
+    srv = edge_server(destinations=[pacs.destination()]).start()
     files, sources = _images(tmp_path, 2, patient_name="Nguyễn^Văn An", charset="ISO_IR 192")
     assert srv.storescu(*files).returncode == 0
     wait_until(lambda: _complete(pacs, sources), 90, what="SR+GSPS+SC in Orthanc")
@@ -72,7 +62,7 @@ def test_results_reach_the_pacs_in_the_source_study(tmp_path, edge_server, ortha
 def test_pacs_down_then_back_delivers_once(tmp_path, edge_server, orthanc):
     require_tool("storescu")
     srv = edge_server(destinations=[orthanc.destination()],
-                      extra=_models(delivery={"max_backoff_s": 2.0})).start()
+                      extra={"delivery": {"max_backoff_s": 2.0}}).start()
     files, sources = _images(tmp_path, 2, seed0=10)
     assert srv.storescu(*files).returncode == 0
     wait_until(lambda: {j["delivery"] for j in srv.jobs()} == {"retrying"}, 90,
@@ -90,7 +80,7 @@ def test_sigkill_during_analysis_or_delivery_ends_with_exactly_one_copy(
         tmp_path, edge_server, orthanc, kill_after):
     require_tool("storescu")
     pacs = orthanc.start()
-    srv = edge_server(extra=_models(), destinations=[pacs.destination()]).start()
+    srv = edge_server(destinations=[pacs.destination()]).start()
     files, sources = _images(tmp_path, 4, seed0=20)
     assert srv.storescu(*files).returncode == 0
     time.sleep(kill_after)
