@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 FW = REPO / "firmware_scripts"
@@ -333,24 +333,6 @@ def test_performance_reads_the_current_mode(tmp_path, current, expect):
 
 # ---------------------------------------------------------------- healthcheck.sh
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listening on port {port} after {timeout} s")
-
-
 class _Healthz(BaseHTTPRequestHandler):
     status = 200
 
@@ -394,20 +376,32 @@ def peers(tmp_path):
         scp.wait(timeout=10)
 
 
-def healthcheck(*args) -> subprocess.CompletedProcess:
-    return run(FW / "healthcheck.sh", "--timeout", "3", *args)
+def healthcheck(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run(FW / "healthcheck.sh", "--timeout", "3", *args, env=env)
 
 
-def test_healthcheck_healthy_peers(peers):
-    for extra in ([], ["--tcp-only"]):
-        proc = healthcheck("--config", peers["config"], *extra)
+def without_client_tools(tmp_path: Path) -> dict:
+    """A PATH without echoscu, curl and sqlite3, so the bash/python fallbacks run."""
+    bin_dir = tmp_path / "fallback-bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "timeout", "tr", "cut", "tail", "stat", "id", "runuser"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python3").symlink_to(sys.executable)
+    return {"PATH": str(bin_dir)}
+
+
+def test_healthcheck_healthy_peers(peers, tmp_path):
+    for extra, env in (([], None), (["--tcp-only"], None), ([], without_client_tools(tmp_path))):
+        proc = healthcheck("--config", peers["config"], *extra, env=env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         lines = proc.stdout.splitlines()
         assert len(lines) == 3 and all(line.startswith("ok: ") for line in lines), lines
     assert "C-ECHO to EDGE_AI@127.0.0.1:" in healthcheck("--config", peers["config"]).stdout
+    assert "(TCP only)" in proc.stdout   # the last run had no echoscu
 
 
-def test_healthcheck_reports_each_failure(peers):
+def test_healthcheck_reports_each_failure(peers, tmp_path):
     peers["handler"].status = 503
     proc = healthcheck("--config", peers["config"])
     assert proc.returncode == 1
@@ -419,9 +413,10 @@ def test_healthcheck_reports_each_failure(peers):
     (peers["data"] / "journal.sqlite3").write_bytes(b"not a database" * 100)
     for f in peers["data"].glob("journal.sqlite3-*"):
         f.unlink()
-    proc = healthcheck("--config", peers["config"])
-    assert proc.returncode == 1
-    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == ["FAIL", "FAIL", "FAIL"], proc.stdout
+    for env in (None, without_client_tools(tmp_path)):
+        proc = healthcheck("--config", peers["config"], env=env)
+        assert proc.returncode == 1
+        assert [line.split(":")[0] for line in proc.stdout.splitlines()] == ["FAIL", "FAIL", "FAIL"], proc.stdout
     # explicit options win over the config file
     other = healthcheck("--config", peers["config"], "--data-dir", str(peers["data"] / "nowhere"))
     assert "FAIL: journal: " + str(peers["data"] / "nowhere") in other.stdout
@@ -467,7 +462,7 @@ def test_healthcheck_against_edge_serve(tmp_path):
         try:
             wait_for_port(web_port, 60, serve)
             wait_for_port(dicom_port, 30, serve)
-        except AssertionError:
+        except (RuntimeError, TimeoutError):
             raise AssertionError(log.read_text()) from None
         deadline = time.monotonic() + 30
         while (proc := healthcheck("--config", config)).returncode != 0 and time.monotonic() < deadline:
