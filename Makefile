@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-APT_PACKAGES = dcmtk dicom3tools orthanc chromium prometheus shellcheck systemd sqlite3 curl
+APT_PACKAGES = dcmtk dicom3tools orthanc chromium prometheus shellcheck systemd sqlite3 curl logrotate
 # command each package provides, to skip apt when everything is present
-APT_COMMANDS = storescu dciodvfy Orthanc chromium prometheus shellcheck systemd-analyze sqlite3 curl
+APT_COMMANDS = storescu dciodvfy Orthanc chromium prometheus shellcheck systemd-analyze sqlite3 curl logrotate
 
 .PHONY: help venv install install-test system-packages demo serve test test-fast bench models clean
 

@@ -82,9 +82,8 @@ def _why_no_association(assoc, peer: Peer) -> str:
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:
         return f"association rejected by {where} (check AE titles)"
-    if assoc.is_aborted:
-        return f"association aborted by {where}"
-    return f"cannot connect to {where}"
+    # pynetdicom reports a refused or timed-out TCP connection as an abort as well
+    return f"cannot connect to {where} (connection refused, timed out or aborted)"
 
 
 def send_files(peer: Peer, paths: list[str | Path]) -> list[SendOutcome]:
