@@ -40,6 +40,8 @@ _END_MARKER_SYNTAXES = J2K_SYNTAXES | {
     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
     "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 _SOC_SIZ = b"\xff\x4f\xff\x51"
+#: Decoded sides may fall this far below ``min_side`` (the model resize stretches them).
+MIN_SIDE_FRACTION = 0.9
 
 
 class ImagingError(Exception):
@@ -71,8 +73,8 @@ def load_for_models(path_or_ds: str | os.PathLike[str] | Dataset, *, min_side: i
     """Decode a grayscale DICOM image to a 0..1 display-polarity image of about ``min_side``.
 
     ``min_side`` is the largest model input side: the decoded image keeps both sides at or
-    above it (unless the image itself is smaller). Raises ImagingError for unreadable
-    files, corrupt pixel data and non-grayscale images.
+    above MIN_SIDE_FRACTION of it (unless the image itself is smaller). Raises ImagingError
+    for unreadable files, corrupt pixel data and non-grayscale images.
     """
     if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
         raise ValueError(f"min_side: expected a positive integer, got {min_side!r}")
@@ -90,7 +92,7 @@ def load_for_models(path_or_ds: str | os.PathLike[str] | Dataset, *, min_side: i
 
     start = time.perf_counter()
     stored, reduction = _decode_near(ds, min_side)
-    block = max(1, min(stored.shape) // min_side)
+    block = block_factor(stored.shape[0], stored.shape[1], min_side)
     values = block_mean(stored, block)
     unit = to_unit(values, ds, photometric)
     decode_ms = (time.perf_counter() - start) * 1000.0
@@ -199,15 +201,33 @@ def _j2k_header(frame: bytes) -> tuple[int, int, int, bool, int]:
     return xsiz - xo, ysiz - yo, (ssiz & 0x7F) + 1, bool(ssiz & 0x80), levels
 
 
+def keeps_min_side(rows: int, cols: int, factor: int, min_side: int) -> bool:
+    """Whether reducing by ``factor`` (sides ceil(n / factor)) keeps both sides near min_side.
+
+    "Near" is MIN_SIDE_FRACTION of it: a 2048 x 1943 image then decodes at level 2
+    (512 x 486, stretched 5% by the model resize) instead of level 1 at about 4x the time.
+    """
+    need = MIN_SIDE_FRACTION * min_side
+    return -(-rows // factor) >= need and -(-cols // factor) >= need
+
+
+def block_factor(rows: int, cols: int, min_side: int) -> int:
+    """Largest block-average factor that keeps both sides near ``min_side`` (at least 1)."""
+    factor = 1
+    while keeps_min_side(rows, cols, factor + 1, min_side):
+        factor += 1
+    return factor
+
+
 def reduction_levels(frame: bytes, min_side: int) -> int:
-    """Largest number of J2K resolution levels to discard keeping both sides >= min_side.
+    """Largest number of J2K resolution levels to discard keeping both sides near min_side.
 
     Reduced sizes are ceil(n / 2**levels); the codestream's decomposition levels cap it.
     """
     width, height, _, _, levels = _j2k_header(frame)
     best = 0
     for n in range(1, levels + 1):
-        if -(-width // 2 ** n) >= min_side and -(-height // 2 ** n) >= min_side:
+        if keeps_min_side(height, width, 2 ** n, min_side):
             best = n
     return best
 
@@ -268,7 +288,7 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     hh, ww = h - h % factor, w - w % factor
     bh, bw = hh // factor, ww // factor
     out = np.empty((-(-h // factor), -(-w // factor)), dtype=np.float32)
-    out[:bh, :bw] = image[:hh, :ww].reshape(bh, factor, bw, factor).mean(axis=(1, 3), dtype=np.float32)
+    out[:bh, :bw] = _block_sum(image[:hh, :ww], factor) / np.float32(factor * factor)
     if ww < w:
         out[:bh, bw] = image[:hh, ww:].reshape(bh, factor, w - ww).mean(axis=(1, 2), dtype=np.float32)
     if hh < h:
@@ -276,6 +296,27 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
         if ww < w:
             out[bh, bw] = image[hh:, ww:].mean(dtype=np.float32)
     return out
+
+
+def _block_sum(image: np.ndarray, factor: int) -> np.ndarray:
+    """Sums of factor x factor blocks (sides divisible by factor), by strided adds.
+
+    Integer pixels are summed in a wide integer type: about ten times faster than a
+    float reshape-mean on a 2k x 2k image.
+    """
+    if image.dtype.kind == "u":
+        acc = np.uint32 if image.dtype.itemsize <= 2 else np.uint64
+    elif image.dtype.kind == "i":
+        acc = np.int32 if image.dtype.itemsize <= 2 else np.int64
+    else:
+        acc = np.float64
+    rows = image[0::factor].astype(acc)
+    for k in range(1, factor):
+        rows += image[k::factor]
+    out = rows[:, 0::factor].copy()
+    for k in range(1, factor):
+        out += rows[:, k::factor]
+    return out.astype(np.float32)
 
 
 def to_unit(values: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:

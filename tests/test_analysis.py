@@ -20,6 +20,7 @@ import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, RLELossless
 
 from edge.analysis import Analyzer, analyze_main, format_findings, hot_region
+from edge.imaging import MIN_SIDE_FRACTION
 from edge.triage import TriageRules
 from engines import DEFAULT_MODELS_DIR
 from engines.store import LoadedModel, load_models
@@ -186,7 +187,7 @@ def test_boxes_land_in_full_resolution_whatever_the_decode_resolution(models, fi
             analyzer = Analyzer(models, decode_min_side=min_side)
             prepared = analyzer.prepare(path)
             expected_side = analyzer.decode_min_side
-            assert min(prepared.image.unit_image.shape) >= min(expected_side, ROWS)
+            assert min(prepared.image.unit_image.shape) >= min(MIN_SIDE_FRACTION * expected_side, ROWS)
             findings = analyzer.infer(prepared)
             _check_geometry(findings, tolerance=cell)
             results.append(findings)

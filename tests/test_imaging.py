@@ -17,7 +17,8 @@ from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid)
 
-from edge.imaging import ImagingError, block_mean, load_for_models, pixel_spacing, reduction_levels
+from edge.imaging import (ImagingError, block_factor, block_mean, keeps_min_side, load_for_models, pixel_spacing,
+                          reduction_levels)
 
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 ROWS, COLS = 1030, 1100          # not multiples of the block/reduction factors on purpose
@@ -227,6 +228,14 @@ def test_j2k_reduced_resolution_maps_back_to_full_resolution_exactly(tmp_path: P
         centroids.append(((weight * xs).sum() / weight.sum(), (weight * ys).sum() / weight.sum()))
     assert np.allclose(centroids[0], centroids[1], atol=0.1)
     assert load_for_models(j2k, min_side=128).reduction == 3
+
+
+def test_decode_size_stays_near_the_model_side() -> None:
+    # a 2048 x 1943 detector image: 512 x 486 is close enough to a 512 model input
+    assert block_factor(1943, 2048, 512) == 4 and block_factor(1943, 2048, 600) == 3
+    assert block_factor(300, 300, 512) == 1
+    assert keeps_min_side(1943, 2048, 4, 512) and not keeps_min_side(1943, 2048, 8, 512)
+    assert not keeps_min_side(1800, 2048, 4, 512)          # 450 < 0.9 * 512
 
 
 def test_block_mean_averages_partial_edge_blocks() -> None:
