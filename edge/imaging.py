@@ -16,9 +16,12 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pydicom
@@ -42,6 +45,35 @@ _END_MARKER_SYNTAXES = J2K_SYNTAXES | {
 _SOC_SIZ = b"\xff\x4f\xff\x51"
 #: Decoded sides may fall this far below ``min_side`` (the model resize stretches them).
 MIN_SIDE_FRACTION = 0.9
+
+
+class _QuietDecoderLog(logging.Filter):
+    """Drops pydicom's per-plugin decode tracebacks for threads inside ``_quiet_decoder``.
+
+    A corrupt image is reported once, as an ImagingError a technician can read; the
+    decoder's tracebacks would otherwise land in the log (and on ``edge analyze``'s screen).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in self.threads
+
+
+_QUIET = _QuietDecoderLog()
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_QUIET)
+
+
+@contextmanager
+def _quiet_decoder() -> Iterator[None]:
+    ident = threading.get_ident()
+    _QUIET.threads.add(ident)
+    try:
+        yield
+    finally:
+        _QUIET.threads.discard(ident)
 
 
 class ImagingError(Exception):
@@ -144,7 +176,7 @@ def _decode_near(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
                 return align_reduced(decode_j2k_reduced(frame, levels), levels), levels
             except ImagingError as exc:
                 # a tile may have fewer levels than the main header says: decode fully below
-                logger.warning("reduced JPEG 2000 decode failed (%s); decoding at full resolution", exc)
+                logger.info("reduced JPEG 2000 decode failed (%s); decoding at full resolution", exc)
     name = syntax.name if syntax.is_transfer_syntax else str(syntax)
     if syntax.is_compressed:
         try:
@@ -154,9 +186,10 @@ def _decode_near(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
         if not available:
             raise ImagingError(f"cannot decode {name}: no decoder for this compression is installed")
     try:
-        arr = pixel_array(ds, index=0)
+        with _quiet_decoder():
+            arr = pixel_array(ds, index=0)
     except Exception as exc:  # decoders raise many types; the technician needs one message
-        logger.debug("pixel decode failed", exc_info=True)
+        logger.debug("pixel decode failed: %s", exc)
         raise ImagingError(f"image data is corrupt or truncated: could not decode {name} pixel data") from exc
     if arr.ndim != 2:
         raise ImagingError(f"expected a single grayscale frame, got pixel data of shape {arr.shape}")

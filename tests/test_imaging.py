@@ -271,6 +271,16 @@ def test_j2k_stream_that_disagrees_with_rows_and_columns_is_refused(variants, tm
         load_for_models(ds, min_side=256)
 
 
+def test_garbled_j2k_header_is_one_clear_error_without_decoder_tracebacks(variants, caplog) -> None:
+    ds = pydicom.dcmread(variants["j2k_lossless"][0])
+    frame = bytearray(get_frame(ds.PixelData, 0, number_of_frames=1))
+    frame[100:140] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
+    ds.PixelData = encapsulate([bytes(frame)])
+    with caplog.at_level("DEBUG"), pytest.raises(ImagingError, match="corrupt or truncated"):
+        load_for_models(ds, min_side=256)
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
 def test_truncated_native_pixel_data_and_non_dicom_file_raise_imaging_error(tmp_path: Path) -> None:
     ds = make_dx(chest_pixels(rows=200, cols=200))
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 * 2]
