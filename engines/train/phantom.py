@@ -36,7 +36,7 @@ from engines.train.phantom_details import (
     confounder_box, end_on_vessels, grow_vessels, render_confounders, render_vessels,
     sample_confounders,
 )
-from engines.train.phantom_geometry import Grid, lowpass, resize_bilinear
+from engines.train.phantom_geometry import Grid, ValueNoise, lowpass, resize_bilinear
 from engines.train.phantom_lesions import plan_tb, render_nodules, render_tb, sample_nodules
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     tb_plans = plan_tb(st["tb"], anat) if tb else []
     anat.ribs = make_ribs(st["ribs"], anat)
     vessels = grow_vessels(st["vessels"], anat)
-    vessel_gain = float(st["vessels"].uniform(0.9, 1.3))
+    vessel_gain = float(st["vessels"].uniform(1.0, 1.5))
     extras = end_on_vessels(st["vessels"], anat) + sample_confounders(st["confounders"], anat)
 
     acq = st["acquisition"]
@@ -135,7 +135,7 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     cx = fov_w / 2.0 + float(np.clip(acq.normal(0.0, 8.0), -20.0, 20.0))
     tilt = math.radians(float(np.clip(acq.normal(0.0, 1.5), -4.0, 4.0)))
     quanta = math.exp(float(acq.uniform(math.log(2e4), math.log(1.5e5))))   # per mm2, unattenuated
-    alpha = float(acq.uniform(0.35, 0.7))          # dynamic range compression
+    alpha = float(acq.uniform(0.5, 0.8))           # dynamic range compression
     mtf_k = float(acq.uniform(0.08, 0.22))
     win_shift, win_scale = float(acq.normal(0.0, 0.03)), float(acq.uniform(0.92, 1.12))
     lo_frac, hi_frac = float(acq.uniform(0.01, 0.06)), float(acq.uniform(0.8, 0.95))
@@ -145,7 +145,8 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     grid = Grid(rrows, rcols, fov_h / rrows, fov_w / rcols, cx, apex_y, tilt)
 
     mu = np.zeros((rrows, rcols), np.float32)
-    air = render_soft_tissue(mu, grid, anat)
+    texture = ValueNoise(st["anatomy"], -250.0, -50.0, 500.0, 450.0, 9.0)
+    air = render_soft_tissue(mu, grid, anat, texture)
     render_vessels(mu, grid, vessels, vessel_gain)
     render_ribs(mu, grid, anat, anat.ribs)
     render_clavicles(mu, grid, anat, st["bones"])
@@ -165,7 +166,9 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     if lung_vals.size < 16:
         lung_vals = proc_anat.ravel()
     p_lung = float(np.percentile(lung_vals, 2.0))
-    p_dense = float(np.percentile(proc_anat[air < 1.0], 80.0)) if np.any(air < 1.0) else float(proc_anat.max())
+    mediastinum = grid.block(anat.spine_u - 30.0, anat.spine_u + 30.0, anat.carina_v,
+                             anat.lungs[0].dome_v - 20.0)
+    p_dense = float(np.percentile(proc_anat[mediastinum[0]], 60.0)) if mediastinum else float(proc_anat.max())
     g_lo = float(proc_anat.min()) - 0.05
     g_hi = float(proc_anat.max()) + 0.6
     maxval = (1 << bits) - 1
@@ -181,7 +184,7 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
 
     span = p_dense - p_lung
     w_lo = (p_lung - 0.12 * span) * gain + offset
-    w_hi = (p_dense + 0.1 * span) * gain + offset
+    w_hi = (p_dense + 0.3 * span) * gain + offset
     width = max(16.0, (w_hi - w_lo) * win_scale)
     center = (w_lo + w_hi) / 2.0 + win_shift * (w_hi - w_lo)
     if photometric == "MONOCHROME1":

@@ -36,6 +36,7 @@ class Lung:
     med_base: float     # medial (mediastinal) border distance from the midline
     knob_amp: float = 0.0   # aortic knob bulge of the medial border (left lung)
     knob_v: float = 60.0
+    trunk_amp: float = 0.0  # pulmonary trunk bulge below the knob (left lung)
     mid_u: float = 0.0      # midline shift of the mediastinum (rotation)
     hilum_u: float = 60.0
     hilum_v: float = 110.0
@@ -56,7 +57,8 @@ class Lung:
         t = np.clip((v - self.apex_v) / (self.base_v - self.apex_v), 0.0, 1.0)
         grow = np.sqrt(np.clip(t * (2.0 - t), 0.0, 1.0))
         lateral = self.apex_u + (self.width - self.apex_u) * grow
-        medial = self.med_base + self.knob_amp * np.exp(-((v - self.knob_v) / 18.0) ** 2)
+        medial = (self.med_base + self.knob_amp * np.exp(-((v - self.knob_v) / 18.0) ** 2)
+                  + self.trunk_amp * np.exp(-((v - self.hilum_v + 12.0) / 22.0) ** 2))
         medial = medial + (self.apex_u - medial) * np.clip(1.0 - np.sqrt(t / 0.16), 0.0, 1.0)
         return medial, lateral
 
@@ -78,7 +80,7 @@ class Lung:
         depth = self.depth * np.clip(t / 0.6, 0.0, 1.0) ** 0.6
         vd = self.dome(a)
         above = np.sqrt(np.clip((vd - V) / 6.0, 0.0, 1.0)) * 0.78 + 0.22
-        below = 0.22 * np.exp(-np.maximum(V - vd, 0.0) / 22.0)
+        below = 0.22 * np.exp(-np.maximum(V - vd, 0.0) / 22.0) * smoothstep((a - 0.6 * self.dome_u) / 30.0)
         base = np.where(V < vd, above, below)
         inside = (V > self.apex_v) & (a > medial) & (a < lateral)
         return np.where(inside, depth * across * base, 0.0).astype(np.float32)
@@ -114,9 +116,9 @@ class Heart:
         du, dv = U - self.lv_u, V - self.lv_v
         p = (c * du + s * dv) / self.lv_a
         q = (-s * du + c * dv) / self.lv_b
-        lv = np.sqrt(np.clip(1.0 - p * p - q * q, 0.0, 1.0))
-        ra = np.sqrt(np.clip(1.0 - ((U - self.ra_u) / self.ra_a) ** 2 - ((V - self.ra_v) / self.ra_b) ** 2,
-                             0.0, 1.0))
+        lv = np.clip(1.0 - p * p - q * q, 0.0, 1.0) ** 0.35
+        ra = np.clip(1.0 - ((U - self.ra_u) / self.ra_a) ** 2 - ((V - self.ra_v) / self.ra_b) ** 2,
+                     0.0, 1.0) ** 0.35
         return (self.depth * np.maximum(lv, 0.85 * ra)).astype(np.float32)
 
 
@@ -177,33 +179,37 @@ def sample_anatomy(rng: np.random.Generator, view: str) -> Anatomy:
             cp_depth=cp,
             med_drop=float(rng.uniform(12.0, 30.0)),
             depth=float(rng.uniform(135.0, 175.0)) * size,
-            med_base=float(rng.uniform(22.0, 30.0) if side < 0 else rng.uniform(16.0, 24.0)),
-            knob_amp=float(rng.uniform(10.0, 24.0)) if side > 0 else 0.0,
+            med_base=float(rng.uniform(18.0, 26.0) if side < 0 else rng.uniform(15.0, 21.0)),
+            knob_amp=float(rng.uniform(7.0, 16.0)) if side > 0 else 0.0,
             knob_v=float(rng.uniform(0.2, 0.27)) * dome_right,
+            trunk_amp=float(rng.uniform(3.0, 10.0)) if side > 0 else 0.0,
             mid_u=0.3 * rotation,
             hilum_u=float(rng.uniform(52.0, 66.0)) * size,
             hilum_v=dome_right * (0.46 if side < 0 else 0.41) + float(rng.uniform(-8.0, 8.0)),
         ))
-    ctr = float(rng.uniform(0.38, 0.54)) * (1.0 + 0.25 * max(0.0, 9.6 - ribs_above_dome) / 1.0 * 0.1)
-    heart_w = ctr * 2.0 * (half_width + 20.0) * (1.12 if ap else 1.0)
-    right_edge = -heart_w * float(rng.uniform(0.30, 0.38)) + 0.5 * rotation
+    ctr = float(rng.uniform(0.36, 0.5)) * (1.0 + 0.03 * max(0.0, 9.6 - ribs_above_dome))
+    heart_w = ctr * 2.0 * half_width * (1.12 if ap else 1.0)
+    right_edge = -heart_w * float(rng.uniform(0.28, 0.36)) + 0.5 * rotation
     left_edge = right_edge + heart_w
-    lv_a, lv_b = 0.44 * heart_w, 0.36 * heart_w * float(rng.uniform(0.9, 1.1))
-    angle = math.radians(float(rng.uniform(20.0, 42.0)))
+    angle = math.radians(float(rng.uniform(36.0, 50.0)))
+    lv_a, lv_b = 0.58 * heart_w, 0.46 * heart_w * float(rng.uniform(0.92, 1.08))
+    ex = math.hypot(lv_a * math.cos(angle), lv_b * math.sin(angle))
+    ey = math.hypot(lv_a * math.sin(angle), lv_b * math.cos(angle))
     heart = Heart(
-        lv_u=left_edge - lv_a * 0.92, lv_v=lungs[1].dome_v - lv_b * 0.35,
+        lv_u=left_edge - ex, lv_v=lungs[1].dome_v - 0.55 * ey,
         lv_a=lv_a, lv_b=lv_b, lv_angle=angle,
-        ra_u=right_edge + 0.2 * heart_w, ra_v=lungs[0].dome_v - 0.24 * heart_w,
-        ra_a=0.2 * heart_w, ra_b=0.3 * heart_w, depth=float(rng.uniform(95.0, 125.0)) * size,
+        ra_u=right_edge + 0.19 * heart_w, ra_v=lungs[0].dome_v - 0.26 * heart_w,
+        ra_a=0.19 * heart_w, ra_b=0.34 * heart_w,
+        depth=lungs[1].depth * float(rng.uniform(0.86, 1.0)),
     )
     breasts = []
     if sex == "F" and rng.random() < 0.85:
         bsize = float(rng.uniform(0.7, 1.3))
         for side in (-1, 1):
-            breasts.append({"u": side * half_width * float(rng.uniform(0.55, 0.72)),
-                            "v": dome_right - float(rng.uniform(0.0, 30.0)),
-                            "a": 75.0 * bsize, "b": 62.0 * bsize,
-                            "depth": float(rng.uniform(20.0, 45.0)) * bsize})
+            breasts.append({"u": side * half_width * float(rng.uniform(0.55, 0.75)),
+                            "v": dome_right - float(rng.uniform(25.0, 55.0)),
+                            "a": 80.0 * bsize, "b": 60.0 * bsize,
+                            "depth": float(rng.uniform(10.0, 28.0)) * bsize})
     stomach = None
     if rng.random() < 0.6:
         stomach = {"u": float(rng.uniform(45.0, 80.0)), "v": lungs[1].dome_v + float(rng.uniform(22.0, 40.0)),
@@ -237,8 +243,11 @@ def body_profile(anat: Anatomy, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return half_w, half_d
 
 
-def render_soft_tissue(mu: np.ndarray, grid: Grid, anat: Anatomy) -> np.ndarray:
-    """Body, lungs (minus heart), trachea, stomach gas and breasts; returns the lung air map."""
+def render_soft_tissue(mu: np.ndarray, grid: Grid, anat: Anatomy, texture=None) -> np.ndarray:
+    """Body, lungs (minus heart), trachea, stomach gas and breasts; returns the lung air map.
+
+    ``texture`` is an optional smooth 0..1 field (``ValueNoise``) that varies lung density a little.
+    """
     sl, U, V = grid.full()
     half_w, half_d = body_profile(anat, V)
     rel = np.clip(1.0 - (U / half_w) ** 2, 0.0, 1.0)
@@ -255,6 +264,8 @@ def render_soft_tissue(mu: np.ndarray, grid: Grid, anat: Anatomy) -> np.ndarray:
             continue
         bsl, BU, BV = blk
         depth = lung.thickness(BU, BV)
+        if texture is not None:
+            depth = depth * (1.0 - 0.12 * (texture(BU, BV) - 0.5))
         depth = np.maximum(depth - heart.thickness(BU, BV), 0.0)
         air[bsl] = np.maximum(air[bsl], depth)
     mu -= LUNG_AIR * air
@@ -278,12 +289,12 @@ def render_soft_tissue(mu: np.ndarray, grid: Grid, anat: Anatomy) -> np.ndarray:
             gas = st["depth"] * np.sqrt(np.clip(1.0 - rho, 0.0, 1.0)) * (BV < st["v"] + 0.3 * st["b"])
             mu[bsl] -= MU_SOFT * gas
     for br in anat.breasts:
-        blk = grid.block(br["u"] - br["a"], br["u"] + br["a"], br["v"] - br["b"], br["v"] + br["b"])
+        # sharp lower border (inframammary fold), soft fade upwards
+        blk = grid.block(br["u"] - br["a"], br["u"] + br["a"], br["v"] - 2.2 * br["b"], br["v"] + br["b"])
         if blk is None:
             continue
         bsl, BU, BV = blk
-        rho = np.clip(((BU - br["u"]) / br["a"]) ** 2 + ((BV - br["v"]) / br["b"]) ** 2, 0.0, 1.0)
-        lower = BV > br["v"]
-        prof = np.where(lower, np.sqrt(1.0 - rho), (1.0 - rho) ** 1.5)
-        mu[bsl] += MU_SOFT * br["depth"] * prof
+        bv = np.where(BV > br["v"], br["b"], 2.2 * br["b"])
+        rho = np.clip(((BU - br["u"]) / br["a"]) ** 2 + ((BV - br["v"]) / bv) ** 2, 0.0, 1.0)
+        mu[bsl] += (MU_SOFT * br["depth"] * np.sqrt(1.0 - rho)).astype(np.float32)
     return air

@@ -48,18 +48,19 @@ def make_ribs(rng: np.random.Generator, anat: Anatomy) -> list[Rib]:
             c_up = 16.0 if k == 1 else min(18.0 + 3.2 * k, 42.0) * float(rng.uniform(0.9, 1.1))
             cv = top + c_up
             _, lateral = lung.edges(np.array([cv + 10.0]))
-            lat = float(lateral[0]) + 5.0 + (12.0 if k > 8 else 0.0)
+            lat = float(lateral[0]) + 3.0
             if k >= 9:
-                lat = lung.width + 8.0
+                lat = lung.width + 4.0
             cu = lat * (0.45 if k == 1 else 0.33)
             a = lat - cu
             phi_med = math.acos(float(np.clip((18.0 - cu) / a, -0.99, 0.99)))
-            a_end = (30.0 if k == 1 else 36.0 + 5.0 * k) * float(rng.uniform(0.9, 1.1))
+            a_end = (30.0 if k == 1 else 36.0 + 5.0 * k + (12.0 * (k - 6) if k > 6 else 0.0))
+            a_end *= float(rng.uniform(0.9, 1.1))
             phi_ant = -math.acos(float(np.clip((a_end - cu) / a, -0.99, 0.99)))
-            drop = (2.2 if k == 1 else 3.1) * dv
+            drop = (2.2 if k == 1 else 3.1 if k < 7 else 2.6) * dv
             c_low = max((drop - c_up) / max(math.sin(-phi_ant), 0.2), c_up)
-            if k == 11:
-                phi_ant = -0.35
+            if k >= 10:
+                phi_ant = -0.5 if k == 10 else -0.3
             ribs.append(Rib(
                 side=lung.side, cu=cu, cv=cv, a=a, c_up=c_up, c_low=c_low,
                 phi_med=phi_med, phi_ant=phi_ant,
@@ -67,7 +68,7 @@ def make_ribs(rng: np.random.Generator, anat: Anatomy) -> list[Rib]:
                 hw_post=(5.8 if k == 1 else 4.6) * float(rng.uniform(0.9, 1.12)) * anat.size,
                 hw_ant=6.6 * float(rng.uniform(0.9, 1.12)) * anat.size,
                 density=float(rng.uniform(0.88, 1.12)),
-                ant_density=float(rng.uniform(0.42, 0.62)),
+                ant_density=float(rng.uniform(0.42, 0.62)) * (1.0 if k < 7 else 0.7),
             ))
     return ribs
 
@@ -156,17 +157,17 @@ def render_spine(mu: np.ndarray, grid: Grid, anat: Anatomy) -> None:
     du = U - np.float32(su)
     half = (13.0 + 9.0 * np.clip((V + 60.0) / 330.0, 0.0, 1.0)) * anat.size
     ph = np.mod((V - v_start) / period, 1.0)
-    body_v = smoothstep(ph / 0.05) * smoothstep((0.8 - ph) / 0.05) * (V > v_start)
-    body = shell(np.minimum(np.abs(du), half), half, 1.6, 0.7 * MU_CORTEX, 1.3 * MU_MARROW)
+    body_v = (0.45 + 0.55 * smoothstep(ph / 0.06) * smoothstep((0.8 - ph) / 0.06)) * (V > v_start)
+    body = shell(np.minimum(np.abs(du), half), half, 1.6, 0.6 * MU_CORTEX, MU_MARROW)
     plate = (np.exp(-((ph - 0.03) * period / 1.2) ** 2) + np.exp(-((ph - 0.77) * period / 1.2) ** 2))
     across = np.sqrt(np.clip(1.0 - (du / half) ** 2, 0.0, 1.0))
-    val = 0.8 * body * body_v + 0.12 * plate * across * (V > v_start)
+    val = 0.45 * body * body_v + 0.05 * plate * across * (V > v_start)
     pv = (ph - 0.3) * period
     for sign in (-1.0, 1.0):
         rho = np.sqrt(((du - sign * (half - 5.0)) / 3.6) ** 2 + (pv / 5.5) ** 2)
-        val = val + 0.1 * np.exp(-((rho - 1.0) / 0.3) ** 2) + 0.04 * (rho < 1.0)
+        val = val + 0.06 * np.exp(-((rho - 1.0) / 0.3) ** 2) + 0.02 * (rho < 1.0)
     spin = ((du / 4.0) ** 2 + (((ph - 0.72) * period) / 7.0) ** 2) < 1.0
-    val = val + 0.07 * spin
+    val = val + 0.04 * spin
     mu[sl] += (anat.bone_factor * val).astype(np.float32)
 
 
@@ -196,4 +197,16 @@ def render_shoulders(mu: np.ndarray, grid: Grid, anat: Anatomy) -> None:
             sl, U, V = blk
             d2 = (U - hu) ** 2 + (V - hv) ** 2
             ball = MU_MARROW * sphere(d2, r) + MU_CORTEX * (sphere(d2, r) - sphere(d2, r - 2.0))
-            mu[sl] += (0.7 * anat.bone_factor * ball).astype(np.float32)
+            mu[sl] += (0.4 * anat.bone_factor * ball).astype(np.float32)
+        # humeral neck and shaft, going down and outwards
+        ang = math.radians(70.0)
+        end = (hu + s * 140.0 * math.cos(ang), hv + 140.0 * math.sin(ang))
+        blk = grid.block(min(hu, end[0]) - 16, max(hu, end[0]) + 16, hv, end[1] + 16)
+        if blk is not None:
+            sl, U, V = blk
+            du, dv = end[0] - hu, end[1] - hv
+            t = np.clip(((U - hu) * du + (V - hv) * dv) / (du * du + dv * dv), 0.0, 1.0)
+            d = np.sqrt((U - hu - t * du) ** 2 + (V - hv - t * dv) ** 2)
+            rr = 11.0 * anat.size
+            val = shell(np.minimum(d, rr), rr, 2.5, MU_CORTEX, MU_MARROW) * smoothstep((t - 0.12) / 0.1)
+            mu[sl] += (0.6 * anat.bone_factor * val).astype(np.float32)

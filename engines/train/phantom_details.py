@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 Segment = tuple[tuple[float, float], tuple[float, float], float, float]
 
 # (angle in degrees in the lateral/down frame, radius mm, length mm)
-_ROOTS = [(-75.0, 4.2, 30.0), (-25.0, 3.4, 26.0), (20.0, 3.8, 28.0), (62.0, 5.2, 32.0), (100.0, 4.2, 26.0)]
+_ROOTS = [(-85.0, 4.0, 28.0), (-50.0, 3.4, 24.0), (-15.0, 3.4, 24.0), (20.0, 3.8, 26.0), (55.0, 5.0, 30.0),
+          (95.0, 4.4, 26.0)]
 
 
 def grow_vessels(rng: np.random.Generator, anat: Anatomy) -> list[Segment]:
@@ -52,7 +53,7 @@ def grow_vessels(rng: np.random.Generator, anat: Anatomy) -> list[Segment]:
                     continue
                 r_end = r * 0.88
                 segments.append(((u, v), (float(e_u), float(e_v)), r, r_end))
-                if r_end < 1.0 or level == 5:
+                if r_end < 0.8 or level == 5:
                     continue
                 n_child = 3 if rng.random() < 0.2 else 2
                 spread = float(rng.uniform(18.0, 34.0))

@@ -162,8 +162,8 @@ def _consolidation(mu, grid, anat, lung, sev, rng):
     fine = ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, 6.0)
     field_ = 0.7 * coarse(U, V) + 0.3 * fine(U, V)
     zone = np.clip(1.0 - ((U - cu) / au) ** 2 - ((V - cv) / av) ** 2, 0.0, 1.0) ** 0.5
-    thr = 0.62 - 0.2 * sev
-    patch = smoothstep((field_ * (0.6 + 0.4 * zone) - thr) / 0.12) * (zone > 0)
+    thr = 0.6 - 0.2 * sev
+    patch = smoothstep((field_ * (0.6 + 0.4 * zone) - thr) / 0.25) * (zone > 0)
     depth = lung.thickness(U, V)
     amp = 0.22 + 0.5 * sev
     add = LUNG_AIR * amp * depth * patch
@@ -201,19 +201,28 @@ def _fibrosis(mu, grid, anat, lung, sev, rng):
     s = lung.side
     hu, hv = s * lung.hilum_u + lung.mid_u, lung.hilum_v
     pts = []
-    for _ in range(int(4 + 8 * sev)):
+    for _ in range(int(6 + 10 * sev)):
         u, v = hu + s * float(rng.uniform(-5, 15)), hv + float(rng.uniform(-10, 5))
         ang = math.radians(float(rng.uniform(-150.0, -50.0)))
-        r = float(rng.uniform(0.6, 1.4))
+        r = float(rng.uniform(0.8, 1.8))
         for _k in range(4):
             ang += math.radians(float(rng.uniform(-18, 18)))
             step = float(rng.uniform(12.0, 24.0))
             nu, nv = u + s * step * math.cos(ang), v + step * math.sin(ang)
             if lung.point_depth(nu, nv) < 5.0:
                 break
-            add_tube(mu, grid, (u, v), (nu, nv), r, r * 0.85, LUNG_AIR * float(rng.uniform(1.0, 1.8)))
+            add_tube(mu, grid, (u, v), (nu, nv), r, r * 0.85, LUNG_AIR * float(rng.uniform(1.5, 2.5)))
             pts += [(u, v), (nu, nv)]
             u, v, r = nu, nv, r * 0.85
+    cu, cv, au, av = _upper_zone(lung)
+    cv -= 0.3 * av
+    blk = grid.block(cu - au, cu + au, cv - av, cv + av)
+    if blk is not None:
+        sl, U, V = blk
+        scar = ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, 5.0)(U, V)
+        zone = np.clip(1.0 - ((U - cu) / au) ** 2 - ((V - cv) / av) ** 2, 0.0, 1.0)
+        net = smoothstep((np.abs(scar - 0.5) < 0.06) * zone * (0.5 + sev))
+        mu[sl] += (LUNG_AIR * 0.25 * (0.4 + 0.6 * sev) * lung.thickness(U, V) * net).astype(np.float32)
     top = lung.apex_v - 10.0
     us = [p[0] for p in pts] + [s * lung.apex_u - 20, s * lung.apex_u + 20]
     vs = [p[1] for p in pts] + [top]
@@ -221,7 +230,7 @@ def _fibrosis(mu, grid, anat, lung, sev, rng):
 
 
 def _miliary(mu, grid, anat, lung, sev, rng):
-    n = int(700 + 2200 * sev)
+    n = int(1500 + 3500 * sev)
     boxes = [lg.bbox() for lg in anat.lungs]
     u_lo, u_hi = min(b[0] for b in boxes), max(b[1] for b in boxes)
     v_lo, v_hi = min(b[2] for b in boxes), max(b[3] for b in boxes)
@@ -231,7 +240,7 @@ def _miliary(mu, grid, anat, lung, sev, rng):
     keep = np.flatnonzero(depth > 25.0)[:n]
     us, vs = cand_u[keep], cand_v[keep]
     radii = rng.uniform(0.5, 1.5, keep.size).astype(np.float32)
-    gain = float(0.9 + 0.6 * sev)
+    gain = float(2.5 + 1.5 * sev)     # a dot stands for the dots summed along the beam
     xs = grid.cx + grid.cos * us - grid.sin * vs
     ys = grid.cy + grid.sin * us + grid.cos * vs
     for lo, hi in ((0.5, 0.85), (0.85, 1.2), (1.2, 1.51)):
@@ -260,7 +269,7 @@ def _miliary(mu, grid, anat, lung, sev, rng):
 
 def _effusion(mu, grid, anat, lung, sev, rng):
     s = lung.side
-    level0 = lung.base_v - (10.0 + 110.0 * sev ** 1.3)
+    level0 = lung.base_v - (24.0 + 100.0 * sev ** 1.3)
     rise = 12.0 + 25.0 * sev
     u0, u1, _, v1 = lung.bbox()
     blk = grid.block(u0, u1, level0 - rise - 15.0, v1)
