@@ -36,7 +36,7 @@ FINISHED_STATES = ("analyzed", "skipped", "failed")
 # categories. Order matters: the first pattern that matches wins.
 SKIP_REASON_PATTERNS: tuple[tuple[str, str], ...] = (
     ("lateral_view", r"\blateral\b|\bLL\b|\bLAT\b"),
-    ("wrong_modality", r"modality"),
+    ("wrong_modality", r"modality|not an x-?ray"),
     ("not_chest", r"body ?part|not (a )?chest|chest"),
     ("view_position", r"\bview\b|position"),
     ("patient_age", r"\bage\b|young|child|paediatric|pediatric|years"),

@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import logging
 import re
+import shutil
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from edge.config import Config, Destination, StorageConfig, WebConfig
+from edge.health import HealthMonitor
 from edge.findings import Findings, ModelInfo, Nodule, TBResult
 from edge.journal import Journal, NewInstance
 from edge.metrics import Metrics
@@ -381,6 +385,45 @@ def test_metrics_names_token_and_no_patient_data(logged_in, caplog):
         assert secret not in caplog.text
 
 
+def test_triage_reasons_map_to_fixed_categories(tmp_path):
+    """The reasons edge.triage really writes land in named categories, never in "other"."""
+    from edge.metrics import SKIP_REASONS, skip_reason_category
+    from edge.triage import TriageRules, triage
+
+    ok = TriageRules(min_side_px=64, max_side_px=400)
+    new = write_dicom(tmp_path, "a.dcm", patient_name="A^B", patient_id="1")   # 256 x 320 DX
+    assert triage(pydicom.dcmread(tmp_path / new.path), ok) is None
+
+    def reason(rules: TriageRules = ok, **changes) -> str:
+        ds = pydicom.dcmread(tmp_path / new.path)
+        for key, value in changes.items():
+            setattr(ds, key, value)
+        text = triage(ds, rules)
+        assert text, changes
+        return text
+
+    expected = {
+        "lateral_view": reason(ViewPosition="LL"),
+        "wrong_modality": reason(Modality="MR"),
+        "not_chest": reason(BodyPartExamined="HAND"),
+        "view_position": reason(ViewPosition="OBL"),
+        "patient_age": reason(PatientAge="006Y"),
+        "image_too_small": reason(TriageRules(min_side_px=300, max_side_px=400)),
+        "image_too_large": reason(TriageRules(min_side_px=64, max_side_px=300)),
+        "multi_frame": reason(NumberOfFrames=3),
+        "unsupported_pixels": reason(PhotometricInterpretation="RGB"),
+    }
+    for category, text in expected.items():
+        assert skip_reason_category(text) == category, text
+    assert skip_reason_category("something new") == "other" and "other" in SKIP_REASONS
+    metrics = Metrics()
+    for text in expected.values():
+        metrics.instance_finished("skipped", text)
+    labels = {s.labels["reason"] for m in metrics.registry.collect() for s in m.samples
+              if s.name == "edge_instances_skipped_total"}
+    assert labels == set(expected)
+
+
 def test_metrics_open_without_token(tmp_path):
     config = make_config(tmp_path)
     journal = Journal(config.journal_path)
@@ -395,3 +438,63 @@ def test_metrics_open_without_token(tmp_path):
     with pytest.raises(ValueError, match="outcome"):
         metrics.delivery_outcome("pacs", "lost")
     journal.close()
+
+
+# ---------------------------------------------------------------------------- health
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not shutil.which("storescp"), reason="DCMTK storescp is not installed")
+def test_health_monitor_echoes_in_background(tmp_path):
+    """C-ECHO against a real DCMTK storescp, a silent peer and a closed port; never blocks."""
+    pacs_port, closed_port = free_port(), free_port()
+    scp = subprocess.Popen(["storescp", "-aet", "PACS", "--output-directory", str(tmp_path), str(pacs_port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)                       # accepts TCP, never answers the association
+    config = Config(storage=StorageConfig(dir=str(tmp_path), min_free_mb=1), destinations=(
+        Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs_port),
+        Destination(name="silent", ae_title="SILENT", host="127.0.0.1", port=silent.getsockname()[1]),
+        Destination(name="down", ae_title="DOWN", host="127.0.0.1", port=closed_port)))
+    journal = Journal(config.journal_path)
+    monitor = HealthMonitor(config, journal, models=[], echo_timeout_s=1.5)
+    metrics = Metrics()
+    metrics.watch_journal(journal, tmp_path, destinations=["pacs"], health=monitor.snapshot)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:   # storescp is listening once a TCP connect works
+            try:
+                socket.create_connection(("127.0.0.1", pacs_port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        monitor.start()
+        while True:
+            started = time.monotonic()
+            snap = {d["name"]: d for d in monitor.snapshot()["destinations"]}
+            assert time.monotonic() - started < 0.3, "snapshot waited on a C-ECHO"
+            if snap["pacs"]["reachable"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert snap["pacs"]["reachable"] is True
+        assert snap["silent"]["reachable"] is None        # still waiting for the silent peer
+        deadline = time.monotonic() + 10
+        while monitor.snapshot()["checked_at"] is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        final = monitor.snapshot()
+        reach = {d["name"]: d["reachable"] for d in final["destinations"]}
+        assert reach == {"pacs": True, "silent": False, "down": False}
+        assert "destination_unreachable:silent" in final["problems"] and not final["ok"]
+        assert metrics.registry.get_sample_value("edge_destination_reachable", {"destination": "pacs"}) == 1.0
+        assert metrics.registry.get_sample_value("edge_destination_reachable", {"destination": "down"}) == 0.0
+    finally:
+        monitor.stop()
+        scp.terminate()
+        scp.wait(timeout=10)
+        silent.close()
+        journal.close()

@@ -139,4 +139,14 @@ def test_status_page_live_update_and_vietnamese(live_app, tmp_path):
         # the card is the largest thing on the page: the flag's letters are big
         size = browser.page.evaluate("parseFloat(getComputedStyle(document.querySelector('#latest-flag')).fontSize)")
         assert size >= 40
+
+        # the detail view: large annotated image, and "resend" through the real form (CSRF token)
+        browser.page.click("#latest a.button")
+        browser.page.wait_for_selector("img.large")
+        browser.page.wait_for_function("() => document.querySelector('img.large').naturalWidth > 0")
+        browser.page.click("#resend")
+        browser.page.wait_for_selector(".flash-info")
+        assert "Đã xếp hàng gửi lại kết quả (2" in browser.page.inner_text(".flash-info")
+        assert {d.state for d in journal.deliveries_for(uid)} == {"pending"}
+        browser.screenshot("instance-detail-vi.png")
         assert not browser.console_errors, browser.console_errors

@@ -132,6 +132,7 @@ class WebServer:
     def __init__(self, app: Any, host: str, port: int, threads: int = 6) -> None:
         from waitress.server import create_server
 
+        self._app = app
         self._server = create_server(app, host=host, port=port, threads=threads, ident="edge",
                                      channel_timeout=30, clear_untrusted_proxy_headers=True)
         self.host = host
@@ -160,6 +161,9 @@ class WebServer:
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("web server thread did not stop within %.0f s", timeout)
+        state = getattr(self._app, "extensions", {}).get("edge")
+        if state is not None and state.owns_health:   # the monitor create_app made for itself
+            state.health.stop()
 
 
 def serve_web(app: Any, host: str, port: int) -> WebServer:
