@@ -85,16 +85,22 @@ def findings_for(new: NewInstance, *, score: float, nodules: int = 0, rows: int 
 
 def add_instance(journal: Journal, storage: Path, state: str, *, name: str = PATIENT_NAME,
                  pid: str = PATIENT_ID, score: float = 0.9, nodules: int = 1, reason: str | None = None,
-                 deliveries: tuple[str, ...] = (), monochrome1: bool = False) -> str:
-    """Store a real DICOM file and move its journal row to ``state``; returns the SOP UID."""
+                 deliveries: tuple[str, ...] = (), monochrome1: bool = False,
+                 received_at: float | None = None) -> str:
+    """Store a real DICOM file and move its journal row to ``state``; returns the SOP UID.
+
+    "analyzing" claims the oldest received instance, which must be this one; final states
+    are recorded directly (as the pipeline does after its claim).
+    """
     new = write_dicom(storage, f"spool/{time.time_ns()}.dcm", patient_name=name, patient_id=pid,
                       monochrome1=monochrome1)
-    journal.record_received(new)
+    journal.record_received(new, now=received_at)
     uid = new.sop_instance_uid
     if state == "received":
         return uid
-    assert journal.claim_next_instance() is not None
     if state == "analyzing":
+        claimed = journal.claim_next_instance()
+        assert claimed is not None and claimed.sop_instance_uid == uid, "another instance was waiting"
         return uid
     findings = findings_for(new, score=score, nodules=nodules) if state == "analyzed" else None
     journal.finish_instance(uid, state, reason=reason, findings=findings, timings_ms={"store": 8.0})
@@ -105,9 +111,8 @@ def add_instance(journal: Journal, storage: Path, state: str, *, name: str = PAT
 
 
 def fill_journal(journal: Journal, storage: Path) -> dict[str, str]:
-    """One instance in each state, the analyzed one last (so it is the latest)."""
+    """One instance in each state; the analyzed one is the latest, the received one the oldest."""
     uids = {
-        "received": add_instance(journal, storage, "received", name="RECEIVED^ONE", pid="R1"),
         "skipped": add_instance(journal, storage, "skipped", name="SKIPPED^ONE", pid="S1", reason="lateral view"),
         "failed": add_instance(journal, storage, "failed", name="FAILED^ONE", pid="F1",
                                reason="pixel data could not be decoded"),
@@ -116,6 +121,9 @@ def fill_journal(journal: Journal, storage: Path) -> dict[str, str]:
         "analyzing": add_instance(journal, storage, "analyzing", name="ANALYZING^ONE", pid="A1"),
     }
     uids["analyzed"] = add_instance(journal, storage, "analyzed", score=0.93, nodules=2, deliveries=("pacs",))
+    # still waiting since before the others arrived (claims take the oldest received first)
+    uids["received"] = add_instance(journal, storage, "received", name="RECEIVED^ONE", pid="R1",
+                                    received_at=time.time() - 60)
     return uids
 
 
