@@ -359,6 +359,21 @@ def test_annotated_thumbnail_rendered_and_cached(logged_in):
     assert client.get(client.get(f"/api/instances/{uid}").get_json()["thumbnail_url"]).status_code == 404
 
 
+def test_image_cache_keeps_the_most_recently_used(tmp_path):
+    from edge.web.images import ImageCache
+    journal = Journal(tmp_path / "journal.sqlite3")
+    cache = ImageCache(tmp_path, max_files=2)
+    rows = [journal.find_instance(add_instance(journal, tmp_path, "analyzed", nodules=0)) for _ in range(3)]
+    first = cache.path_for(rows[0], "thumb")
+    cache.path_for(rows[1], "thumb")
+    time.sleep(0.02)
+    assert cache.path_for(rows[0], "thumb") == first     # a hit: now the most recent
+    cache.path_for(rows[2], "thumb")
+    assert cache.prune() == 1
+    assert first.exists() and len(list((tmp_path / "thumbs").glob("*.jpg"))) == 2
+    journal.close()
+
+
 # ---------------------------------------------------------------------------- metrics
 
 def test_metrics_names_token_and_no_patient_data(logged_in, caplog):

@@ -81,9 +81,9 @@ def create_app(config: "Config", journal: "Journal", metrics: "Metrics", *,
         SESSION_COOKIE_SAMESITE="Lax",
         PERMANENT_SESSION_LIFETIME=timedelta(days=30),
         MAX_CONTENT_LENGTH=64 * 1024,
-        JSON_SORT_KEYS=False,
     )
-    app.json.ensure_ascii = False   # Vietnamese text stays readable in the JSON
+    app.json.ensure_ascii = False   # type: ignore[attr-defined]  # Vietnamese stays readable
+    app.json.sort_keys = False      # type: ignore[attr-defined]
     app.extensions["edge"] = WebState(
         config=config, journal=journal, metrics=metrics, health=health, owns_health=owns_health,
         models=models, listener_up=listener_up, wake=wake, images=ImageCache(config.storage_dir))

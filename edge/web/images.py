@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 SIZES = {"thumb": 512, "full": 1024}
 RENDER_VERSION = "1"   # bump when the drawing changes, so cached files are redrawn
+MAX_CACHED_FILES = 4000   # about 0.3 GB; the oldest are removed beyond this (and re-rendered if asked)
+_PRUNE_EVERY = 50         # renders between two prunes
 
 
 class ImageUnavailable(Exception):
@@ -45,11 +47,15 @@ def image_version(row: InstanceRow) -> str:
 class ImageCache:
     """Renders JPEGs of instances into ``<storage>/thumbs/`` and reuses them."""
 
-    def __init__(self, storage_dir: Path) -> None:
+    def __init__(self, storage_dir: Path, max_files: int = MAX_CACHED_FILES) -> None:
+        if max_files < 1:
+            raise ValueError(f"max_files: must be >= 1, got {max_files}")
         self.storage_dir = Path(storage_dir)
         self.dir = self.storage_dir / "thumbs"
+        self.max_files = max_files
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._renders = 0
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._locks_guard:
@@ -63,7 +69,7 @@ class ImageCache:
             raise ValueError(f"kind: {kind!r} is not one of {', '.join(SIZES)}")
         name = hashlib.sha256(f"{image_version(row)}|{row.sop_instance_uid}|{kind}".encode()).hexdigest()[:32]
         target = self.dir / f"{name}.jpg"
-        if target.exists():
+        if _touch(target):   # a hit counts as recent use, so pruning removes unused files first
             return target
         with self._lock_for(name):   # two browsers asking at once render it once
             if target.exists():
@@ -78,7 +84,25 @@ class ImageCache:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+        with self._locks_guard:
+            self._renders += 1
+            due = self._renders % _PRUNE_EVERY == 1
+        if due:
+            self.prune()
         return target
+
+    def prune(self) -> int:
+        """Remove the least recently written files beyond ``max_files``; returns how many."""
+        try:
+            files = sorted(self.dir.glob("*.jpg"), key=lambda p: p.stat().st_mtime)
+        except FileNotFoundError:   # a file vanished while sorting: try again next time
+            return 0
+        excess = files[:max(0, len(files) - self.max_files)]
+        for path in excess:
+            path.unlink(missing_ok=True)
+        if excess:
+            logger.info("image cache: removed %d old file(s) from %s", len(excess), self.dir)
+        return len(excess)
 
     def render(self, row: InstanceRow, max_side: int) -> Image.Image:
         """Decode the stored source image and draw the findings (analyzed instances only)."""
@@ -95,6 +119,14 @@ class ImageCache:
             return annotate_image(unit, findings, max_side=max_side, color=True,
                                   full_size=(image.full_rows, image.full_cols))
         return _plain(unit, max_side)
+
+
+def _touch(path: Path) -> bool:
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _plain(unit_image: np.ndarray, max_side: int) -> Image.Image:
