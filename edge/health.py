@@ -63,12 +63,19 @@ def echo_destination(config: "Config", dest: "Destination", timeout_s: float) ->
     return outcome.delivered
 
 
-def read_platform() -> dict[str, Any]:
-    """Temperatures and GPU utilization where the platform exposes them; {} parts elsewhere."""
+def read_platform(thermal_root: Path = _THERMAL_ROOT, gpu_load: Path = _JETSON_GPU_LOAD, *,
+                  use_jtop: bool = True) -> dict[str, Any]:
+    """Temperatures and GPU utilization where the platform exposes them; empty elsewhere.
+
+    Tried in order: jetson-stats (``jtop``), Jetson sysfs (thermal zones, GPU load in
+    per mille), ``nvidia-smi`` on dGPU machines.
+    """
     temps: list[dict[str, Any]] = []
     util: float | None = None
     source = None
     try:   # Jetson with jetson-stats installed and its service running
+        if not use_jtop:
+            raise ImportError("jtop not wanted")
         from jtop import jtop   # type: ignore[import-not-found]
         with jtop(interval=0.5) as jetson:
             if jetson.ok():
@@ -81,8 +88,8 @@ def read_platform() -> dict[str, Any]:
                 source = "jtop"
     except Exception:   # not installed, or jtop.service not running
         pass
-    if source is None and _THERMAL_ROOT.is_dir():
-        for zone in sorted(_THERMAL_ROOT.glob("thermal_zone*")):
+    if source is None and thermal_root.is_dir():
+        for zone in sorted(thermal_root.glob("thermal_zone*")):
             try:
                 milli = int((zone / "temp").read_text().strip())
                 name = (zone / "type").read_text().strip() or zone.name
@@ -92,9 +99,9 @@ def read_platform() -> dict[str, Any]:
                 temps.append({"name": name, "celsius": milli / 1000.0})
         if temps:
             source = "sysfs"
-        if _JETSON_GPU_LOAD.is_file():
+        if gpu_load.is_file():
             try:   # per mille
-                util = int(_JETSON_GPU_LOAD.read_text().strip()) / 10.0
+                util = int(gpu_load.read_text().strip()) / 10.0
                 source = "sysfs"
             except (OSError, ValueError):
                 pass

@@ -465,6 +465,21 @@ def test_metrics_open_without_token(tmp_path):
 
 # ---------------------------------------------------------------------------- health
 
+def test_platform_read_from_jetson_style_sysfs(tmp_path):
+    from edge.health import read_platform
+    for i, (kind, milli) in enumerate((("CPU-therm", "45500"), ("GPU-therm", "51250"), ("PMIC-Die", "-256000"))):
+        zone = tmp_path / "thermal" / f"thermal_zone{i}"
+        zone.mkdir(parents=True)
+        (zone / "type").write_text(kind + "\n")
+        (zone / "temp").write_text(milli + "\n")
+    (tmp_path / "load").write_text("523\n")
+    info = read_platform(tmp_path / "thermal", tmp_path / "load", use_jtop=False)
+    assert info["source"] == "sysfs" and info["gpu_utilization_percent"] == pytest.approx(52.3)
+    assert info["temperatures"] == [{"name": "CPU-therm", "celsius": 45.5}, {"name": "GPU-therm", "celsius": 51.25}]
+    nothing = read_platform(tmp_path / "absent", tmp_path / "absent", use_jtop=False)
+    assert nothing["temperatures"] == [] and nothing["gpu_utilization_percent"] is None or nothing["source"] == "nvidia-smi"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
