@@ -135,7 +135,8 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     cx = fov_w / 2.0 + float(np.clip(acq.normal(0.0, 8.0), -20.0, 20.0))
     tilt = math.radians(float(np.clip(acq.normal(0.0, 1.5), -4.0, 4.0)))
     quanta = math.exp(float(acq.uniform(math.log(2e4), math.log(1.5e5))))   # per mm2, unattenuated
-    alpha = float(acq.uniform(0.5, 0.8))           # dynamic range compression
+    alpha = float(acq.uniform(0.6, 0.85))          # dynamic range compression
+    beta = float(acq.uniform(0.2, 0.8))            # detail (edge) enhancement
     mtf_k = float(acq.uniform(0.08, 0.22))
     win_shift, win_scale = float(acq.normal(0.0, 0.03)), float(acq.uniform(0.92, 1.12))
     lo_frac, hi_frac = float(acq.uniform(0.01, 0.06)), float(acq.uniform(0.8, 0.95))
@@ -153,13 +154,20 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     render_spine(mu, grid, anat)
     render_shoulders(mu, grid, anat)
     cell = max(1, int(round(12.0 / grid.sx)))
-    proc_anat = mu - np.float32(alpha) * lowpass(mu, cell, passes=4)
+    fine_cell = max(1, int(round(2.0 / grid.sx)))
+
+    def process(att: np.ndarray) -> np.ndarray:
+        """For-presentation processing: compress large-scale range, enhance detail."""
+        out = att - np.float32(alpha) * lowpass(att, cell, passes=4)
+        return out + np.float32(beta) * (att - lowpass(att, fine_cell, passes=1))
+
+    proc_anat = process(mu)
 
     render_confounders(mu, grid, extras)
     tb_boxes = render_tb(mu, grid, anat, tb_plans)
     nod_specs = sample_nodules(st["nodules"], anat) if nodules else []
     render_nodules(mu, grid, nod_specs)
-    proc = mu - np.float32(alpha) * lowpass(mu, cell, passes=4)
+    proc = process(mu)
 
     # stored-value mapping and VOI window from the lesion-free anatomy only
     lung_vals = proc_anat[air > 40.0]
@@ -183,8 +191,8 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     stored = np.clip(np.rint(full * np.float32(gain) + np.float32(offset)), 0, maxval).astype(np.uint16)
 
     span = p_dense - p_lung
-    w_lo = (p_lung - 0.12 * span) * gain + offset
-    w_hi = (p_dense + 0.3 * span) * gain + offset
+    w_lo = (p_lung - 0.1 * span) * gain + offset
+    w_hi = (p_dense + 0.22 * span) * gain + offset
     width = max(16.0, (w_hi - w_lo) * win_scale)
     center = (w_lo + w_hi) / 2.0 + win_shift * (w_hi - w_lo)
     if photometric == "MONOCHROME1":

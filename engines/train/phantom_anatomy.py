@@ -36,6 +36,7 @@ class Lung:
     med_base: float     # medial (mediastinal) border distance from the midline
     knob_amp: float = 0.0   # aortic knob bulge of the medial border (left lung)
     knob_v: float = 60.0
+    knob_w: float = 18.0    # vertical extent of that bulge (broad on the right: superior vena cava)
     trunk_amp: float = 0.0  # pulmonary trunk bulge below the knob (left lung)
     mid_u: float = 0.0      # midline shift of the mediastinum (rotation)
     hilum_u: float = 60.0
@@ -57,7 +58,7 @@ class Lung:
         t = np.clip((v - self.apex_v) / (self.base_v - self.apex_v), 0.0, 1.0)
         grow = np.sqrt(np.clip(t * (2.0 - t), 0.0, 1.0))
         lateral = self.apex_u + (self.width - self.apex_u) * grow
-        medial = (self.med_base + self.knob_amp * np.exp(-((v - self.knob_v) / 18.0) ** 2)
+        medial = (self.med_base + self.knob_amp * np.exp(-((v - self.knob_v) / self.knob_w) ** 2)
                   + self.trunk_amp * np.exp(-((v - self.hilum_v + 12.0) / 22.0) ** 2))
         medial = medial + (self.apex_u - medial) * np.clip(1.0 - np.sqrt(t / 0.16), 0.0, 1.0)
         return medial, lateral
@@ -180,8 +181,9 @@ def sample_anatomy(rng: np.random.Generator, view: str) -> Anatomy:
             med_drop=float(rng.uniform(12.0, 30.0)),
             depth=float(rng.uniform(135.0, 175.0)) * size,
             med_base=float(rng.uniform(18.0, 26.0) if side < 0 else rng.uniform(15.0, 21.0)),
-            knob_amp=float(rng.uniform(7.0, 16.0)) if side > 0 else 0.0,
-            knob_v=float(rng.uniform(0.2, 0.27)) * dome_right,
+            knob_amp=float(rng.uniform(7.0, 16.0) if side > 0 else rng.uniform(2.0, 9.0)),
+            knob_v=float(rng.uniform(0.2, 0.27) if side > 0 else rng.uniform(0.28, 0.4)) * dome_right,
+            knob_w=18.0 if side > 0 else float(rng.uniform(25.0, 45.0)),
             trunk_amp=float(rng.uniform(3.0, 10.0)) if side > 0 else 0.0,
             mid_u=0.3 * rotation,
             hilum_u=float(rng.uniform(52.0, 66.0)) * size,

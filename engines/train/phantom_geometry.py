@@ -140,14 +140,20 @@ class ValueNoise:
 
     def __init__(self, rng: np.random.Generator, u0: float, v0: float, width: float,
                  height: float, cell: float) -> None:
-        self.u0, self.v0, self.cell = u0, v0, cell
-        self.nu = int(math.ceil(width / cell)) + 2
-        self.nv = int(math.ceil(height / cell)) + 2
+        # the lattice is rotated by a random angle so that thresholded blobs are not square
+        self.angle = float(rng.uniform(0.0, math.pi / 2))
+        self.cu, self.cv = u0 + width / 2, v0 + height / 2
+        half = 0.75 * max(width, height)
+        self.u0, self.v0, self.cell = self.cu - half, self.cv - half, cell
+        self.nu = self.nv = int(math.ceil(2 * half / cell)) + 2
         self.lattice = rng.random((self.nv, self.nu)).astype(np.float32)
 
     def __call__(self, U: np.ndarray, V: np.ndarray) -> np.ndarray:
-        fu = np.clip((U - self.u0) / self.cell, 0.0, self.nu - 1.001)
-        fv = np.clip((V - self.v0) / self.cell, 0.0, self.nv - 1.001)
+        c, s = np.float32(math.cos(self.angle)), np.float32(math.sin(self.angle))
+        du, dv = U - np.float32(self.cu), V - np.float32(self.cv)
+        ru, rv = c * du - s * dv + np.float32(self.cu), s * du + c * dv + np.float32(self.cv)
+        fu = np.clip((ru - self.u0) / self.cell, 0.0, self.nu - 1.001)
+        fv = np.clip((rv - self.v0) / self.cell, 0.0, self.nv - 1.001)
         iu = fu.astype(np.int32)
         iv = fv.astype(np.int32)
         tu = smoothstep(fu - iu)

@@ -43,10 +43,12 @@ class TBPattern:
 
 
 def _inside(lung: Lung, u: float, v: float, r: float, need: float) -> bool:
+    """The whole sphere projects on aerated lung above the diaphragm."""
     pts_u = np.array([u, u - r, u + r, u, u], np.float32)
     pts_v = np.array([v, v, v, v - r, v + r], np.float32)
     d = lung.thickness(pts_u, pts_v)
-    return bool(d[0] >= need and np.all(d[1:] > 0.3 * need))
+    below_dome = v + r + 3.0 > float(lung.dome(np.array([lung.side * u]))[0])
+    return bool(d[0] >= need and np.all(d[1:] > 0.5 * need) and not below_dome)
 
 
 def sample_nodules(rng: np.random.Generator, anat: Anatomy) -> list[NoduleSpec]:
@@ -55,10 +57,14 @@ def sample_nodules(rng: np.random.Generator, anat: Anatomy) -> list[NoduleSpec]:
     out: list[NoduleSpec] = []
     heart = anat.heart
     for _ in range(count):
-        calcified = bool(rng.random() < 0.15)
-        diam = float(rng.uniform(4.0, 12.0)) if calcified else float(np.exp(rng.uniform(math.log(4.0), math.log(30.0))))
-        r = diam / 2.0
         site = str(rng.choice(["lung", "rib", "heart"], p=[0.55, 0.28, 0.17]))
+        calcified = bool(rng.random() < 0.15)
+        smallest = 10.0 if site == "heart" else 4.0     # retrocardiac nodules below 1 cm are invisible
+        if calcified:
+            diam = float(rng.uniform(4.0, 12.0))
+        else:
+            diam = float(np.exp(rng.uniform(math.log(smallest), math.log(30.0))))
+        r = diam / 2.0
         for _try in range(200):
             lung = anat.lungs[int(rng.integers(0, 2))]
             if site == "heart":
@@ -86,9 +92,10 @@ def sample_nodules(rng: np.random.Generator, anat: Anatomy) -> list[NoduleSpec]:
             if any(math.hypot(u - n.u, v - n.v) < r + n.r + 6.0 for n in out):
                 continue
             if calcified:
-                mu = MU_CORTEX * float(rng.uniform(0.5, 1.1))
+                mu = MU_CORTEX * float(rng.uniform(1.0, 1.8))
             else:
-                mu = LUNG_AIR * float(rng.uniform(0.4, 1.0))
+                # at least ~0.1 attenuation at the centre, so that a 4 mm nodule is still seen
+                mu = max(LUNG_AIR * float(rng.uniform(0.7, 1.25)), 0.1 / diam)
             out.append(NoduleSpec(u=u, v=v, r=r, mu=mu, calcified=calcified, site=site))
             break
     return out
@@ -158,14 +165,14 @@ def _consolidation(mu, grid, anat, lung, sev, rng):
     if blk is None:
         return None
     sl, U, V = blk
-    coarse = ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, 16.0)
-    fine = ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, 6.0)
-    field_ = 0.7 * coarse(U, V) + 0.3 * fine(U, V)
+    field_ = np.zeros_like(U, dtype=np.float32)
+    for cell, weight in ((18.0, 0.55), (9.0, 0.3), (4.5, 0.15)):
+        field_ += weight * ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, cell)(U, V)
     zone = np.clip(1.0 - ((U - cu) / au) ** 2 - ((V - cv) / av) ** 2, 0.0, 1.0) ** 0.5
-    thr = 0.6 - 0.2 * sev
-    patch = smoothstep((field_ * (0.6 + 0.4 * zone) - thr) / 0.25) * (zone > 0)
-    depth = lung.thickness(U, V)
-    amp = 0.22 + 0.5 * sev
+    thr = 0.58 - 0.16 * sev
+    patch = smoothstep((field_ * (0.55 + 0.45 * zone) - thr) / 0.22) * (zone > 0)
+    depth = np.minimum(lung.thickness(U, V), 70.0)     # the consolidated lobe, not the whole lung depth
+    amp = 0.25 + 0.45 * sev
     add = LUNG_AIR * amp * depth * patch
     mu[sl] += add.astype(np.float32)
     return _block_extent(grid, sl, add > 0.2 * max(float(add.max()), 1e-6))
