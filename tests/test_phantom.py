@@ -147,3 +147,66 @@ def test_bad_arguments_are_rejected():
         phantom.generate_case(-1, size=128)
     with pytest.raises(ValueError, match="size"):
         phantom.generate_case(1, size=8)
+
+
+def test_anatomy_is_the_same_in_mm_at_any_size():
+    from engines.preprocess import resize_area
+
+    small = phantom.generate_case(5, size=200, nodules=False, tb=False)
+    large = phantom.generate_case(5, size=400, nodules=False, tb=False)
+    other = phantom.generate_case(6, size=200, nodules=False, tb=False)
+    assert small.pixel_spacing_mm == pytest.approx(2.0 * large.pixel_spacing_mm)
+    rows, cols = small.pixels.shape
+    assert abs(large.pixels.shape[0] - 2 * rows) <= 1
+    down = resize_area(phantom.unit_image(large), rows, cols)
+    same = np.corrcoef(down.ravel(), phantom.unit_image(small).ravel())[0, 1]
+    crop = phantom.unit_image(other)[:rows, :cols]
+    h, w = crop.shape
+    diff = np.corrcoef(down[:h, :w].ravel(), crop.ravel())[0, 1]
+    assert same > 0.97 and same > diff + 0.05, (same, diff)
+
+
+def _first_seeds_per_kind() -> dict[str, int]:
+    """Seeds whose TB case has a given pattern and no fibrosis (which moves the anatomy)."""
+    found: dict[str, int] = {}
+    for seed in range(300):
+        kinds = [p["kind"] for p in phantom.generate_case(seed, size=64, tb=True, nodules=False).tb_patterns]
+        if "fibrosis" in kinds:
+            found.setdefault("fibrosis", seed)
+            continue
+        for kind in kinds:
+            found.setdefault(kind, seed)
+        if len(found) == 5:
+            break
+    return found
+
+
+def test_tb_pattern_boxes_lie_on_the_drawn_patterns():
+    seeds = _first_seeds_per_kind()
+    assert sorted(seeds) == ["cavity", "consolidation", "effusion", "fibrosis", "miliary"]
+    for kind, seed in seeds.items():
+        sick = phantom.generate_case(seed, size=256, tb=True, nodules=False)
+        healthy = phantom.generate_case(seed, size=256, tb=False, nodules=False)
+        assert sick.tb and not healthy.tb and healthy.tb_patterns == []
+        diff = phantom.unit_image(sick) - phantom.unit_image(healthy)
+        rows, cols = diff.shape
+        union = np.zeros_like(diff, dtype=bool)
+        for p in sick.tb_patterns:
+            x1, y1, x2, y2 = p["box"]
+            assert 0 <= x1 < x2 <= cols and 0 <= y1 < y2 <= rows
+            inside = np.zeros_like(diff, dtype=bool)
+            inside[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
+            union |= inside
+            # every TB pattern adds density (display brighter) where its box says
+            assert diff[inside].mean() > 0.01, (kind, p)
+        if kind != "fibrosis":
+            assert np.abs(diff[union]).mean() > 4 * np.abs(diff[~union]).mean(), kind
+
+
+def test_confounders_appear_in_negative_images():
+    kinds: set[str] = set()
+    for seed in range(40):
+        case = phantom.generate_case(seed, size=96, tb=False, nodules=False)
+        assert case.nodules == [] and case.tb_patterns == []
+        kinds.update(c["kind"] for c in case.confounders)
+    assert {"end_on_vessel", "nipple", "electrode"} <= kinds
