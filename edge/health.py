@@ -48,15 +48,11 @@ def delivery_counts_by_destination(journal: "Journal", destinations: Iterable[st
 
 def echo_destination(config: "Config", dest: "Destination", timeout_s: float) -> bool:
     """C-ECHO one configured destination (with DICOM TLS when it is set for it)."""
-    from dicom_node.scu import Peer, echo, make_client_ssl_context
+    from dicom_node.scu import echo
 
-    node = config.node
-    ssl_context = None
-    if dest.tls:
-        ssl_context = make_client_ssl_context(node.tls_ca, node.tls_cert, node.tls_key)
-    peer = Peer(ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                calling_ae_title=dest.calling_ae_title or node.ae_title,
-                ssl_context=ssl_context, timeout_s=timeout_s)
+    from .outbox import destination_peer
+
+    peer = destination_peer(config, dest, timeout_s=timeout_s)
     outcome = echo(peer)
     if not outcome.delivered:
         logger.info("C-ECHO to destination %s failed: %s", dest.name, outcome.message)
