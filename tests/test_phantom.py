@@ -127,11 +127,7 @@ def test_cli_writes_files_truth_and_valid_dicom(tmp_path):
             x1, y1, x2, y2 = p["box"]
             assert 0 <= x1 < x2 <= ds.Columns and 0 <= y1 < y2 <= ds.Rows
             assert p["kind"] in ("consolidation", "cavity", "fibrosis", "miliary", "effusion")
-        res = subprocess.run([DCIODVFY, str(out / name)], capture_output=True, text=True, timeout=60)
-        report = res.stdout + res.stderr
-        assert "DXImageForPresentation" in report
-        errors = [line for line in report.splitlines() if line.startswith("Error")]
-        assert errors == [], errors
+        assert _dciodvfy_errors(out / name) == []
     # same seed, same files
     again = tmp_path / "again"
     assert phantom.main(["--out", str(again), "--count", "3", "--seed", "4", "--size", "320",
@@ -210,3 +206,36 @@ def test_confounders_appear_in_negative_images():
         assert case.nodules == [] and case.tb_patterns == []
         kinds.update(c["kind"] for c in case.confounders)
     assert {"end_on_vessel", "nipple", "electrode"} <= kinds
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    res = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    report = res.stdout + res.stderr
+    assert "DXImageForPresentation" in report
+    return [line for line in report.splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("photometric,transfer_syntax", [
+    ("MONOCHROME1", None),
+    ("MONOCHROME2", "1.2.840.10008.1.2.4.90"),   # JPEG 2000 lossless
+    ("MONOCHROME1", "1.2.840.10008.1.2.5"),      # RLE lossless
+])
+def test_write_dicom_photometrics_and_lossless_syntaxes(tmp_path, photometric, transfer_syntax):
+    case = phantom.generate_case(9, size=300, photometric=photometric)
+    path = tmp_path / "x.dcm"
+    phantom.write_dicom(case, path, patient_id="P1", study_instance_uid="1.2.3.4",
+                        transfer_syntax=transfer_syntax)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == (transfer_syntax or "1.2.840.10008.1.2.1")
+    assert ds.PhotometricInterpretation == photometric
+    assert ds.PatientID == "P1" and ds.StudyInstanceUID == "1.2.3.4"
+    assert ds.BitsStored == case.bits_stored and ds.HighBit == case.bits_stored - 1
+    assert np.array_equal(ds.pixel_array, case.pixels)
+    assert float(ds.WindowCenter) == pytest.approx(case.window_center, abs=0.01)
+    assert _dciodvfy_errors(path) == []
+
+
+def test_write_dicom_rejects_lossy_or_unknown_syntax(tmp_path):
+    case = phantom.generate_case(9, size=96)
+    with pytest.raises(ValueError, match="transfer_syntax"):
+        phantom.write_dicom(case, tmp_path / "x.dcm", transfer_syntax="1.2.840.10008.1.2.4.91")

@@ -14,12 +14,19 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 logger = logging.getLogger(__name__)
 
 DX_PRESENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+_LOSSLESS = {
+    "1.2.840.10008.1.2.5",        # RLE Lossless
+    "1.2.840.10008.1.2.4.90",     # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.80",     # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.70",     # JPEG Lossless SV1 (needs an encoder that may be missing)
+    "1.2.840.10008.1.2.4.57",     # JPEG Lossless
+}
 
 
 def _uid(case, *parts: str) -> str:
@@ -125,7 +132,15 @@ def write_case(case, path, *, patient_name: str = "PHANTOM^CHEST", patient_id: s
     meta.ImplementationVersionName = "XRAYEDGE_PH1"
     ds.file_meta = meta
     if transfer_syntax and transfer_syntax not in _UNCOMPRESSED:
-        ds.compress(transfer_syntax, case.pixels)
+        uid = UID(transfer_syntax)
+        if uid not in _LOSSLESS:
+            raise ValueError(f"transfer_syntax {transfer_syntax!r} is not a lossless transfer syntax UID "
+                             f"this writer knows ({', '.join(sorted(_UNCOMPRESSED | _LOSSLESS))})")
+        try:
+            ds.compress(uid, case.pixels)
+        except (NotImplementedError, RuntimeError) as exc:
+            raise ValueError(f"transfer_syntax {transfer_syntax!r} cannot be encoded here ({exc}); "
+                             "use RLE, JPEG 2000 lossless or JPEG-LS lossless") from exc
     elif transfer_syntax:
         meta.TransferSyntaxUID = transfer_syntax
     pydicom.dcmwrite(Path(path), ds, enforce_file_format=True)
