@@ -129,7 +129,7 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     rows = max(64, int(round(cols * float(acq.uniform(0.9, 1.1)))))
     spacing = fov_w / cols
     fov_h = rows * spacing
-    apex_y = float(acq.uniform(25.0, 60.0))
+    apex_y = float(acq.uniform(30.0, 75.0))
     if apex_y + anat.lung_bottom + 25.0 > fov_h:
         apex_y = max(8.0, fov_h - anat.lung_bottom - 25.0)
     cx = fov_w / 2.0 + float(np.clip(acq.normal(0.0, 8.0), -20.0, 20.0))

@@ -68,7 +68,7 @@ def make_ribs(rng: np.random.Generator, anat: Anatomy) -> list[Rib]:
                 hw_post=(5.8 if k == 1 else 4.6) * float(rng.uniform(0.9, 1.12)) * anat.size,
                 hw_ant=6.6 * float(rng.uniform(0.9, 1.12)) * anat.size,
                 density=float(rng.uniform(0.88, 1.12)),
-                ant_density=float(rng.uniform(0.42, 0.62)) * (1.0 if k < 7 else 0.7),
+                ant_density=float(rng.uniform(0.42, 0.62)) * (1.0 if k < 7 else 0.7 if k == 7 else 0.45),
             ))
     return ribs
 

@@ -116,8 +116,8 @@ def sample_confounders(rng: np.random.Generator, anat: Anatomy) -> list[dict]:
             items.append({"kind": "electrode", "u": u, "v": v, "r": float(rng.uniform(9.0, 13.0)),
                           "wire": wire, "wire_r": float(rng.uniform(0.5, 0.9))})
     if rng.random() < 0.08:
-        u = float(rng.uniform(-30.0, 30.0))
-        v = float(rng.uniform(20.0, 80.0))
+        u = float(rng.uniform(-40.0, 40.0))
+        v = float(rng.uniform(60.0, 160.0))
         gap = float(rng.uniform(60.0, 90.0))
         for k in range(int(rng.integers(1, 5))):
             items.append({"kind": "button", "u": u + float(rng.uniform(-3, 3)), "v": v + k * gap,
