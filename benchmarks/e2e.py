@@ -1,0 +1,844 @@
+"""End-to-end benchmark against real DICOM peers: storescu -> ``edge serve`` -> Orthanc or storescp.
+
+    python -m benchmarks.e2e [--quick] [--backend auto|onnxruntime|tensorrt] [--models-dir DIR]
+                             [--pacs orthanc|storescp] [--json PATH] [--write-results]
+
+The modality (DCMTK ``storescu``) sends phantom chest X-rays (2k and 3k a side; uncompressed,
+JPEG lossless SV1, JPEG 2000 lossless) to the appliance, started with a temporary config on
+loopback ports, which sends SR, GSPS and SC to a PACS on loopback. Latency runs send one
+image at a time and time "storescu returned" to "last of its 3 results at the PACS" (the
+PACS is polled every 10 ms). Throughput runs flood the box with 1 and 4 concurrent senders.
+Per-stage timings come from the appliance's journal, peak memory from VmHWM of the
+``edge serve`` process (reset before each run), and bare inference is the same models timed
+in this process. Every run checks that no image is lost and no result duplicated, at the
+PACS and in the journal: exit status 1 if any is, else 0 (missed targets are only reported).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+
+logger = logging.getLogger(__name__)
+
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+STAGES = ("store", "read", "decode", "preprocess", "tb", "nodule", "report", "deliver",
+          "queue", "to_pacs", "analysis_total")
+#: stages that are parts of the path (totals and waits excluded) for "slowest stage"
+PART_STAGES = ("store", "read", "decode", "preprocess", "tb", "nodule", "report", "deliver")
+POLL_S = 0.01
+TARGET_E2E_MS = 1000.0
+TARGET_RATIO = 1.3
+
+
+def pct(values: list[float], *qs: float) -> dict[str, float]:
+    """Percentiles (linear interpolation) as {"p50": ..}; NaN-free: empty gives {}."""
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q:g}": round(float(np.percentile(arr, q)), 2) for q in qs}
+
+
+RESULT_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34": "sr", "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
+                  "1.2.840.10008.5.1.4.1.1.7": "sc"}
+FORMS = {"raw": "Explicit VR Little Endian", "jpeg-ll": "JPEG Lossless SV1 (dcmcjpeg +e1)",
+         "j2k": "JPEG 2000 Lossless (pydicom + OpenJPEG)"}
+#: storescu proposes only the file's own transfer syntax (and uncompressed), as a modality does
+STORESCU_TS = {"raw": ["-R"], "jpeg-ll": ["-R", "-xs"], "j2k": ["-R", "-xv"]}
+
+
+class Arrival(NamedTuple):
+    t: float            # epoch seconds when the poll first saw the object
+    sop_class: str
+    sop: str
+    key: str            # Orthanc ID or storescp file name
+
+
+# ---------------------------------------------------------------- inputs
+
+def base_image(size: int, path: Path) -> str:
+    """Write one uncompressed chest image ``size`` pixels a side; returns its origin."""
+    origin, ds = "synthetic", None
+    try:
+        from engines.train.phantom import generate_case, write_dicom
+        write_dicom(generate_case(0, size=size), path)
+        ds, origin = pydicom.dcmread(path), "phantom"
+    except ImportError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the benchmark still runs on a synthetic image
+        logger.warning("phantom generator failed (%s: %s); using a synthetic image", type(exc).__name__, exc)
+    if ds is None:
+        from benchmarks.analyze_bench import synthetic_chest
+        ds = synthetic_chest(size)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    defaults = {"PatientName": "BENCH^PHANTOM", "PatientID": "BENCH0001", "PatientBirthDate": "",
+                "PatientSex": "O", "PatientAge": "040Y", "StudyDate": "20260101", "StudyTime": "090000",
+                "AccessionNumber": "", "ReferringPhysicianName": "", "StudyID": "1", "SeriesNumber": 1,
+                "InstanceNumber": 1, "Manufacturer": "edge-bench", "Modality": "DX",
+                "BodyPartExamined": "CHEST", "ViewPosition": "PA", "PresentationIntentType": "FOR PRESENTATION"}
+    for keyword, value in defaults.items():
+        if keyword not in ds:
+            setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return origin
+
+
+def make_inputs(folder: Path, sizes: list[int], forms: list[str]) -> dict[str, dict[str, Any]]:
+    """One template file per (size, form), keyed by label such as "2k-j2k"."""
+    from pydicom.uid import JPEG2000Lossless
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, Any]] = {}
+    for size in sizes:
+        raw = folder / f"{size}-raw.dcm"
+        origin = base_image(size, raw)
+        tag = f"{size // 1024}k" if size % 1024 == 0 else str(size)
+        for form in forms:
+            path = folder / f"{size}-{form}.dcm"
+            if form == "jpeg-ll":
+                subprocess.run(["dcmcjpeg", "+e1", str(raw), str(path)], check=True, timeout=300)
+            elif form == "j2k":
+                ds = pydicom.dcmread(raw)
+                ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+                ds.save_as(path, enforce_file_format=True)
+            out[f"{tag}-{form}"] = {"path": raw if form == "raw" else path, "syntax": FORMS[form],
+                                    "storescu": STORESCU_TS[form],
+                                    "origin": f"{origin} {size}x{size}",
+                                    "mb": round((raw if form == "raw" else path).stat().st_size / 1e6, 2)}
+    return out
+
+
+def stamp_copies(template: Path, folder: Path, n: int) -> list[dict[str, Any]]:
+    """``n`` copies of ``template``, each its own study, series and SOP instance (pixels untouched)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(template)
+    out = []
+    for i in range(n):
+        sop, study = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append({"path": path, "sop": sop, "study": study})
+    return out
+
+
+# ---------------------------------------------------------------- peers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what}: port {port} did not open within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class _PACS:
+    """A PACS on loopback; ``collect()`` polls for new result objects and files them by study."""
+
+    aet = "PACS"
+
+    def __init__(self) -> None:
+        self.dicom_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.arrivals: dict[str, list[Arrival]] = {}
+        self._pending: list[tuple[float, str]] = []
+
+    def destination(self) -> dict[str, Any]:
+        return {"ae_title": self.aet, "port": self.dicom_port}
+
+    def collect(self) -> None:
+        keys = self._new_keys()
+        now = time.time()          # the time is taken before identifying, which takes a while
+        self._pending += [(now, k) for k in keys]
+        waiting = []
+        for t, key in self._pending:
+            info = self._identify(key)
+            if info is None:
+                waiting.append((t, key))
+            else:
+                self.arrivals.setdefault(info[0], []).append(Arrival(t, info[1], info[2], key))
+        self._pending = waiting
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def _new_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def _identify(self, key: str) -> tuple[str, str, str] | None:
+        raise NotImplementedError
+
+
+class OrthancPeer(_PACS):
+    """The Debian Orthanc with a temp config; new instances come from ``/changes``."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__()
+        self.dir = workdir / "orthanc"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        self._since = 0
+        config = {"Name": "bench-pacs", "StorageDirectory": str(self.dir / "db"),
+                  "IndexDirectory": str(self.dir / "db"), "StorageCompression": False,
+                  "HttpPort": self.http_port, "HttpServerEnabled": True, "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": False, "DicomAet": self.aet, "DicomPort": self.dicom_port,
+                  "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "Plugins": [],
+                  "DicomServerEnabled": True, "StableAge": 60}
+        self.config = self.dir / "orthanc.json"
+        self.config.write_text(json.dumps(config))
+
+    def start(self) -> None:
+        import requests
+        exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(exe).exists():
+            raise RuntimeError("Orthanc is not installed (apt-get install orthanc), or use --pacs storescp")
+        with open(self.dir / "orthanc.log", "ab") as log:
+            self.proc = subprocess.Popen([exe, str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+        wait_for_port(self.http_port, 60, self.proc, "Orthanc")
+        wait_for_port(self.dicom_port, 60, self.proc, "Orthanc")
+        self._session = requests.Session()
+        self._since = self._get("/changes?last")["Last"]
+
+    def _get(self, path: str) -> Any:
+        r = self._session.get(f"http://127.0.0.1:{self.http_port}{path}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def _new_keys(self) -> list[str]:
+        keys: list[str] = []
+        while True:
+            data = self._get(f"/changes?since={self._since}&limit=1000")
+            keys += [c["ID"] for c in data["Changes"] if c["ChangeType"] == "NewInstance"]
+            self._since = data["Last"]
+            if data["Done"]:
+                return keys
+
+    def _identify(self, key: str) -> tuple[str, str, str] | None:
+        tags = self._get(f"/instances/{key}/simplified-tags")
+        return tags.get("StudyInstanceUID", ""), tags.get("SOPClassUID", ""), tags.get("SOPInstanceUID", "")
+
+
+class StorescpPeer(_PACS):
+    """DCMTK ``storescp`` writing every received object to its own file (``+uf``)."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__()
+        self.dir = workdir / "storescp"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._seen: set[str] = set()
+
+    def start(self) -> None:
+        with open(self.dir.parent / "storescp.log", "ab") as log:
+            self.proc = subprocess.Popen(["storescp", "-aet", self.aet, "+xa", "-od", str(self.dir), "+uf",
+                                          "-fe", ".dcm", str(self.dicom_port)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.dicom_port, 30, self.proc, "storescp")
+
+    def _new_keys(self) -> list[str]:
+        new = [n for n in os.listdir(self.dir) if n not in self._seen]
+        self._seen.update(new)
+        return new
+
+    def _identify(self, key: str) -> tuple[str, str, str] | None:
+        try:
+            ds = pydicom.dcmread(self.dir / key, stop_before_pixels=True,
+                                 specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+            return str(ds.StudyInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+        except Exception:  # noqa: BLE001 - still being written: try at the next poll
+            return None
+
+
+class EdgeProcess:
+    """``edge serve`` with a temp config on loopback ports, sending to one PACS."""
+
+    ae_title = "EDGE_AI"
+
+    def __init__(self, workdir: Path, *, models_dir: Path, backend: str, cache_dir: Path,
+                 destination: dict[str, Any]) -> None:
+        self.dir = workdir / "edge"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port, self.web_port = free_port(), free_port()
+        storage = self.dir / "data"
+        self.journal_path = storage / "journal.sqlite3"
+        self.log = self.dir / "serve.log"
+        self.proc: subprocess.Popen | None = None
+        self._reset_ok = True
+        q = json.dumps   # a JSON string is a valid TOML basic string
+        self.config = self.dir / "edge.toml"
+        self.config.write_text("\n".join([
+            "[node]", f"ae_title = {q(self.ae_title)}", 'host = "127.0.0.1"', f"port = {self.port}",
+            "[storage]", f"dir = {q(str(storage))}", "min_free_mb = 0",
+            "[web]", 'host = "127.0.0.1"', f"port = {self.web_port}",
+            "[models]", f"dir = {q(str(models_dir))}", f"backend = {q(backend)}",
+            f"engine_cache_dir = {q(str(cache_dir))}",
+            "[logging]", 'level = "INFO"',
+            "[[destinations]]", 'name = "pacs"', f"ae_title = {q(destination['ae_title'])}",
+            'host = "127.0.0.1"', f"port = {destination['port']}", ""]))
+
+    def start(self, timeout: float = 300.0) -> None:
+        """Start and wait until the models and reporting are warm (the log says so)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config)],
+                                         cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_for_port(self.port, timeout, self.proc, "edge serve")
+        deadline = time.monotonic() + timeout
+        while "warmed up" not in self.log.read_text(errors="replace"):
+            if "warm-up run failed" in self.log.read_text(errors="replace"):
+                logger.warning("the appliance's warm-up failed; see %s", self.log)
+                break
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"edge serve did not warm up within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def reset_peak_rss(self) -> None:
+        """Reset VmHWM (``clear_refs`` 5), so each run reports its own peak."""
+        if self.proc is None or not self._reset_ok:
+            return
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        except OSError as exc:
+            self._reset_ok = False
+            logger.warning("cannot reset the peak RSS (%s): peaks are since the start", exc)
+
+    def peak_rss_mb(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+        except (OSError, AttributeError, ValueError):
+            pass
+        return None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+# ---------------------------------------------------------------- journal
+
+def journal_records(db_path: Path, uids: list[str]) -> dict[str, dict[str, Any]]:
+    """Instance state, attempts, times and deliveries for ``uids``, read-only."""
+    if not uids:
+        return {}
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        marks = ",".join("?" * len(uids))
+        out: dict[str, dict[str, Any]] = {}
+        for row in con.execute("SELECT sop_instance_uid, state, attempts, received_at, analyzed_at,"
+                               f" timings_json, findings_json FROM instances WHERE sop_instance_uid IN ({marks})",
+                               uids):
+            out[row[0]] = {"state": row[1], "attempts": row[2], "received_at": row[3],
+                           "analyzed_at": row[4], "timings": json.loads(row[5] or "{}"),
+                           "findings": json.loads(row[6]) if row[6] else None, "deliveries": []}
+        for row in con.execute("SELECT sop_instance_uid, object_type, state, attempts, sent_at"
+                               f" FROM deliveries WHERE sop_instance_uid IN ({marks})", uids):
+            if row[0] in out:
+                out[row[0]]["deliveries"].append({"type": row[1], "state": row[2], "attempts": row[3],
+                                                  "sent_at": row[4]})
+        return out
+    finally:
+        con.close()
+
+
+def _settled(rec: dict[str, Any] | None) -> bool:
+    """Analysis final and every delivery sent with its timing recorded (or given up)."""
+    if rec is None or rec["state"] in ("received", "analyzing"):
+        return False
+    if rec["state"] != "analyzed":
+        return True
+    ds = rec["deliveries"]
+    if any(d["state"] in ("pending", "retrying") for d in ds):
+        return False
+    return "deliver" in rec["timings"] or any(d["state"] == "gave_up" for d in ds)
+
+
+def wait_journal(db_path: Path, uids: list[str], timeout: float = 15.0) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = journal_records(db_path, uids)
+        if all(_settled(recs.get(u)) for u in uids) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- checks and one run
+
+def check_images(images: list[dict], pacs, recs: dict[str, dict]) -> tuple[int, int, list[str]]:
+    """(lost, duplicated, problems) over ``images`` ({"sop", "study", "sent_ok"})."""
+    lost = dup = 0
+    problems: list[str] = []
+    for img in images:
+        got = pacs.arrivals.get(img["study"], [])
+        per_class = Counter(a.sop_class for a in got)
+        rec = recs.get(img["sop"])
+        dels = rec["deliveries"] if rec else []
+        missing = [RESULT_CLASSES[c] for c in RESULT_CLASSES if per_class[c] == 0]
+        is_lost = (not img["sent_ok"] or rec is None or rec["state"] != "analyzed" or bool(missing)
+                   or sorted(d["type"] for d in dels) != ["gsps", "sc", "sr"]
+                   or any(d["state"] != "sent" for d in dels))
+        is_dup = (any(n > 1 for n in per_class.values()) or len(got) != len({a.sop for a in got})
+                  or (rec is not None and rec["attempts"] != 1)
+                  or len(dels) > 3 or any(d["attempts"] != 1 for d in dels))
+        if is_lost:
+            lost += 1
+            problems.append(f"{img['sop']}: lost (sent ok: {img['sent_ok']}, journal: "
+                            f"{rec and rec['state']}, missing at PACS: {missing or 'none'})")
+        if is_dup:
+            dup += 1
+            problems.append(f"{img['sop']}: duplicated (PACS {dict(per_class)}, journal attempts "
+                            f"{rec and rec['attempts']}, deliveries {[(d['type'], d['attempts']) for d in dels]})")
+    return lost, dup, problems
+
+
+def _storescu(edge: EdgeProcess, files: list[Path], options: list[str]) -> bool:
+    proc = subprocess.run(["storescu", *options, "-aet", "MODALITY", "-aec", edge.ae_title, "127.0.0.1",
+                           str(edge.port), *map(str, files)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        logger.error("storescu failed (%d): %s", proc.returncode, proc.stderr.strip()[-500:])
+    return proc.returncode == 0
+
+
+def _complete(pacs, study: str) -> bool:
+    return {a.sop_class for a in pacs.arrivals.get(study, [])} >= set(RESULT_CLASSES)
+
+
+def _last_arrival(pacs, study: str) -> float:
+    first: dict[str, float] = {}
+    for a in pacs.arrivals.get(study, []):
+        first[a.sop_class] = min(first.get(a.sop_class, a.t), a.t)
+    return max(first.values())
+
+
+def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeProcess, pacs,
+            timeout: float, storescu: list[str]) -> dict[str, Any]:
+    """Send ``copies`` (latency: one at a time; throughput: ``senders`` in parallel) and measure."""
+    edge.reset_peak_rss()
+    t_start = time.time()
+    if mode == "latency":
+        for img in copies:
+            img["sent_ok"] = _storescu(edge, [img["path"]], storescu)
+            img["t_sent"] = time.time()
+            deadline = img["t_sent"] + timeout
+            while img["sent_ok"] and not _complete(pacs, img["study"]) and time.time() < deadline:
+                time.sleep(POLL_S)
+                pacs.collect()
+    else:
+        groups = [copies[i::senders] for i in range(senders)]
+
+        def send(group: list[dict]) -> None:
+            ok = _storescu(edge, [g["path"] for g in group], storescu)
+            for g in group:
+                g["sent_ok"] = ok
+        threads = [threading.Thread(target=send, args=(g,)) for g in groups if g]
+        for t in threads:
+            t.start()
+        last_new, seen = time.time(), 0
+        while time.time() - last_new < timeout:
+            pacs.collect()
+            done = sum(_complete(pacs, c["study"]) for c in copies)
+            if done > seen:
+                last_new, seen = time.time(), done
+            if not any(t.is_alive() for t in threads) and \
+                    all(_complete(pacs, c["study"]) for c in copies if c.get("sent_ok")):
+                break
+            time.sleep(POLL_S)
+        for t in threads:
+            t.join()
+    pacs.collect()
+    peak_mb = edge.peak_rss_mb()
+    complete = [c for c in copies if c.get("sent_ok") and _complete(pacs, c["study"])]
+    t_end = max((_last_arrival(pacs, c["study"]) for c in complete), default=time.time())
+    recs = wait_journal(edge.journal_path, [c["sop"] for c in copies])
+    for c in copies:
+        c.setdefault("sent_ok", False)
+    lost, dup, problems = check_images(copies, pacs, recs)
+    e2e, stages = [], {s: [] for s in STAGES}
+    for c in complete:
+        rec = recs.get(c["sop"])
+        if rec is None:
+            continue
+        start = c["t_sent"] if mode == "latency" else rec["received_at"]
+        e2e.append((_last_arrival(pacs, c["study"]) - start) * 1000.0)
+        t = dict(rec["timings"])
+        sent = [d["sent_at"] for d in rec["deliveries"] if d["sent_at"]]
+        if rec["analyzed_at"] and "analysis_total" in t:
+            t["queue"] = (rec["analyzed_at"] - rec["received_at"]) * 1000.0 - t["analysis_total"]
+            if sent:
+                t["to_pacs"] = (max(sent) - rec["analyzed_at"]) * 1000.0
+        for s in STAGES:
+            if s in t:
+                stages[s].append(float(t[s]))
+    backends = sorted({m["backend"] for r in recs.values() if r["findings"]
+                       for m in r["findings"].get("models", [])})
+    wall = max(t_end - t_start, 1e-6)
+    return {"input": label, "mode": mode, "senders": senders, "images": len(copies),
+            "e2e_ms": {**pct(e2e, 50, 95, 99), **({"max": round(max(e2e), 2)} if e2e else {})},
+            "stages_ms": {s: pct(v, 50, 95) for s, v in stages.items() if v},
+            "throughput_per_min": round(len(complete) / wall * 60.0, 1), "wall_s": round(wall, 2),
+            "peak_rss_mb": peak_mb, "lost": lost, "duplicated": dup, "problems": problems[:20],
+            "runner": backends}
+
+
+# ---------------------------------------------------------------- bare inference, machine
+
+def bare_inference(models_dir: Path, backend: str, cache_dir: Path, sample: Path, runs: int) -> dict[str, Any]:
+    """Median/p95 of running both models on one preprocessed tensor, in this process."""
+    from edge.analysis import Analyzer
+    from engines.store import load_models
+
+    models = load_models(models_dir, backend, cache_dir=cache_dir)
+    try:
+        prepared = Analyzer(models).prepare(sample)
+        totals: list[float] = []
+        per: dict[str, list[float]] = {n: [] for n in models}
+        for i in range(runs + 3):          # 3 warm-up runs, discarded
+            t0 = time.perf_counter()
+            for name, model in models.items():
+                t = time.perf_counter()
+                model.run(prepared.tensors[name])
+                if i >= 3:
+                    per[name].append((time.perf_counter() - t) * 1000.0)
+            if i >= 3:
+                totals.append((time.perf_counter() - t0) * 1000.0)
+        return {**pct(totals, 50, 95), "runs": runs,
+                "per_model": {n: pct(v, 50, 95) for n, v in per.items()},
+                "models": [{"name": m.manifest.name, "version": m.manifest.version, "backend": m.backend,
+                            "input": [m.manifest.input.height, m.manifest.input.width]}
+                           for m in models.values()]}
+    finally:
+        for model in models.values():
+            model.close()
+
+
+def machine_info(runner: str) -> dict[str, Any]:
+    """CPU model, cores, RAM, GPU (nvidia-smi or Jetson device tree) and the runner used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gb = 0.0
+    try:
+        kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
+                  if l.startswith("MemTotal:"))
+        ram_gb = round(kb / 1024 / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    gpu = "none"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            gpu = ", ".join(out.stdout.strip().splitlines())
+    except (OSError, subprocess.TimeoutExpired):
+        model = Path("/proc/device-tree/model")
+        if model.is_file():
+            gpu = model.read_text(errors="replace").strip("\x00 \n")
+    try:
+        import onnxruntime
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = "not installed"
+    cores = os.cpu_count() or 0
+    return {"cpu": cpu, "cores": cores, "ram_gb": ram_gb, "gpu": gpu, "runner": runner,
+            "python": platform.python_version(), "onnxruntime": ort, "os": platform.platform(),
+            "summary": f"{cpu}, {cores} cores, {ram_gb:g} GiB RAM, GPU: {gpu}, runner: {runner}"}
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Start the peers, run every input kind, and return the report (see module doc)."""
+    from engines import DEFAULT_MODELS_DIR
+
+    models_dir = Path(args.models_dir or DEFAULT_MODELS_DIR)
+    inputs = make_inputs(workdir / "inputs", args.sizes, args.inputs)
+    cache_dir = workdir / "engines"
+    first = next(iter(inputs.values()))
+    bare = bare_inference(models_dir, args.backend, cache_dir, first["path"], args.bare_runs)
+    logger.info("bare inference of both models: p50 %.1f ms", bare.get("p50", float("nan")))
+    pacs = OrthancPeer(workdir) if args.pacs == "orthanc" else StorescpPeer(workdir)
+    edge = EdgeProcess(workdir, models_dir=models_dir, backend=args.backend, cache_dir=cache_dir,
+                       destination=pacs.destination())
+    runs: list[dict[str, Any]] = []
+    try:
+        pacs.start()
+        edge.start()
+        for label, spec in inputs.items():
+            plan = [("latency", 1, args.images)] + [("throughput", s, args.throughput_images)
+                                                   for s in args.senders if args.throughput_images]
+            for mode, senders, n in plan:
+                folder = workdir / "send" / f"{label}-{mode}-{senders}"
+                warm = stamp_copies(spec["path"], folder / "warm", 1) if mode == "latency" else []
+                if warm:   # first image of a kind pays for lazy decoder set-up: not measured
+                    run_one(label, "latency", 1, warm, edge, pacs, args.timeout, spec["storescu"])
+                copies = stamp_copies(spec["path"], folder, n)
+                run = run_one(label, mode, senders, copies, edge, pacs, args.timeout, spec["storescu"])
+                run.update(transfer_syntax=spec["syntax"], file_mb=spec["mb"], source=spec["origin"],
+                           bare_inference_ms=pct_subset(bare), warmup_images=len(warm))
+                w = warm and check_images(warm, pacs, wait_journal(edge.journal_path, [warm[0]["sop"]]))
+                run["lost"] += w[0] if w else 0
+                run["duplicated"] += w[1] if w else 0
+                p50 = run["e2e_ms"].get("p50")
+                run["ratio"] = round(p50 / bare["p50"], 3) if p50 and bare.get("p50") else None
+                runs.append(run)
+                logger.info("%s %s x%d: %d images, e2e p50 %s ms, lost %d, duplicated %d", label, mode,
+                            senders, n, p50, run["lost"], run["duplicated"])
+                for p in folder.rglob("*.dcm"):
+                    p.unlink()
+        time.sleep(1.0)          # a late duplicate would arrive now
+        pacs.collect()
+        final = final_check(runs, pacs)
+        edge_log_tail = edge.log_tail()
+    finally:
+        edge.stop()
+        pacs.stop()
+    runner = ", ".join(sorted({b for r in runs for b in r["runner"]})) or "unknown"
+    info = machine_info(runner)
+    report = {"machine": info["summary"], "machine_details": info,
+              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": "python -m benchmarks.e2e " + " ".join(args.argv), "quick": args.quick,
+              "pacs": args.pacs, "backend_requested": args.backend, "models_dir": str(models_dir),
+              "models": bare["models"], "bare_inference_ms": bare, "runs": runs,
+              "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
+              "final_check": final}
+    if report["lost"] or report["duplicated"] or final["problems"]:
+        report["edge_log_tail"] = edge_log_tail
+    report["targets"] = evaluate_targets(report)
+    return report
+
+
+def pct_subset(bare: dict[str, Any]) -> dict[str, float]:
+    return {k: bare[k] for k in ("p50", "p95") if k in bare}
+
+
+def final_check(runs: list[dict], pacs) -> dict[str, Any]:
+    """After every run: no result object at the PACS twice, nothing unexpected."""
+    counts = Counter(a.sop for arr in pacs.arrivals.values() for a in arr)
+    twice = [s for s, n in counts.items() if n > 1]
+    expected = 3 * sum(r["images"] + r.get("warmup_images", 0) for r in runs)
+    problems = [f"result {s} arrived {counts[s]} times" for s in twice[:20]]
+    if len(counts) != expected:
+        problems.append(f"{len(counts)} distinct result objects at the PACS, expected {expected}")
+    return {"result_objects": len(counts), "expected": expected, "problems": problems}
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """PASS/MISS per target with the margin (positive: headroom)."""
+    out = []
+    bare95 = report["bare_inference_ms"].get("p95")
+    for r in report["runs"]:
+        if r["mode"] != "latency" or "p95" not in r["e2e_ms"]:
+            continue
+        p95 = r["e2e_ms"]["p95"]
+        if r["input"].startswith("2k-") and r["input"].split("-", 1)[1] in ("raw", "j2k"):
+            out.append({"target": f"{r['input']}: e2e p95 < {TARGET_E2E_MS:.0f} ms", "value": p95,
+                        "pass": p95 < TARGET_E2E_MS, "margin": f"{TARGET_E2E_MS - p95:+.1f} ms"})
+        if bare95:
+            ratio = p95 / bare95
+            out.append({"target": f"{r['input']}: e2e p95 <= {TARGET_RATIO} x bare inference p95",
+                        "value": round(ratio, 3), "pass": ratio <= TARGET_RATIO,
+                        "margin": f"{TARGET_RATIO - ratio:+.2f} x ({TARGET_RATIO * bare95 - p95:+.1f} ms)"})
+    bad = report["lost"] + report["duplicated"] + len(report["final_check"]["problems"])
+    out.append({"target": "no image lost, no result duplicated (all runs)", "value": bad,
+                "pass": bad == 0, "margin": f"lost {report['lost']}, duplicated {report['duplicated']}"})
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _tables(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(header, rows) of the main table and of the per-stage p50 table (latency runs)."""
+    head = ["input", "mode", "senders", "images", "e2e p50", "p95", "p99", "bare p50", "ratio",
+            "img/min", "peak RSS MB", "lost", "dup"]
+    rows = [[r["input"], r["mode"], str(r["senders"]), str(r["images"]), _fmt(r["e2e_ms"].get("p50")),
+             _fmt(r["e2e_ms"].get("p95")), _fmt(r["e2e_ms"].get("p99")), _fmt(r["bare_inference_ms"].get("p50")),
+             _fmt(r.get("ratio"), 2), _fmt(r["throughput_per_min"]), _fmt(r["peak_rss_mb"]),
+             str(r["lost"]), str(r["duplicated"])] for r in report["runs"]]
+    shead = ["input", *STAGES[:-1], "slowest"]
+    srows = []
+    for r in report["runs"]:
+        if r["mode"] != "latency":
+            continue
+        st = r["stages_ms"]
+        srows.append([r["input"], *[_fmt(st.get(s, {}).get("p50")) for s in STAGES[:-1]], slowest_stage(r)])
+    return head, rows, shead, srows
+
+
+def slowest_stage(run: dict[str, Any]) -> str:
+    st = {s: run["stages_ms"][s]["p50"] for s in PART_STAGES if s in run["stages_ms"]}
+    return max(st, key=st.get) if st else "-"
+
+
+def _text_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(head), "-" * len(line(head)), *map(line, rows)])
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+                      *["| " + " | ".join(r) + " |" for r in rows]])
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
+    bare = report["bare_inference_ms"]
+    models = ", ".join(f"{m['name']} {m['version']} ({m['backend']}, input {m['input'][0]}x{m['input'][1]})"
+                       for m in report["models"])
+    return [f"machine: {report['machine']}", f"models: {models} from {report['models_dir']}",
+            f"bare inference of both models: p50 {_fmt(bare.get('p50'), 2)} ms, p95 {_fmt(bare.get('p95'), 2)} ms"
+            f" ({bare['runs']} runs)", f"PACS: {report['pacs']}; date: {report['date']}",
+            f"command: {report['command']}"]
+
+
+def _target_lines(report: dict[str, Any]) -> list[str]:
+    return [f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['value']} (margin {t['margin']})"
+            for t in report["targets"]]
+
+
+def render_text(report: dict[str, Any]) -> str:
+    head, rows, shead, srows = _tables(report)
+    out = ["", *_summary_lines(report), "", "end to end (ms), throughput (images/min), peak RSS of edge serve",
+           _text_table(head, rows), "", "per-stage p50 (ms), latency runs", _text_table(shead, srows), "",
+           "targets", *_target_lines(report)]
+    problems = [p for r in report["runs"] for p in r["problems"]] + report["final_check"]["problems"]
+    if problems:
+        out += ["", "PROBLEMS", *problems]
+    return "\n".join(out) + "\n"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """RESULTS.md: generated by ``--write-results``; do not edit by hand."""
+    head, rows, shead, srows = _tables(report)
+    slow = Counter(r[-1] for r in srows)
+    note = ", ".join(f"`{s}` in {n} of {len(srows)} latency runs" for s, n in slow.most_common())
+    return "\n".join([
+        "# End-to-end benchmark results", "",
+        "Generated by `python -m benchmarks.e2e --write-results`; do not edit by hand.", "",
+        *[f"- {line}" for line in _summary_lines(report)], "",
+        "End to end: `storescu` returned -> last of the image's SR, GSPS and SC stored at the PACS "
+        "(latency runs, one image at a time); journal `received_at` -> last result at the PACS "
+        "(throughput runs). `ratio` = end-to-end p50 / bare inference p50 of both models.", "",
+        _md_table(head, rows), "", "Per-stage p50 (ms) from the appliance journal, latency runs "
+        "(`queue`: received -> analysis start, plus the journal commit; `to_pacs`: analyzed -> last result sent):", "",
+        _md_table(shead, srows), "", f"Slowest stage: {note or 'not measured'}.", "", "Targets:", "",
+        *[f"- {line}" for line in _target_lines(report)], ""])
+
+
+def _parse_list(text: str, kind=str) -> list:
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad list {text!r}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="2k only, uncompressed and JPEG 2000, a few images each (under a minute)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
+                   help="models.backend of the appliance and of the bare-inference comparison")
+    p.add_argument("--models-dir", type=Path, default=None, help="model folders (default: engines/models)")
+    p.add_argument("--pacs", choices=("orthanc", "storescp"), default="orthanc")
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+    p.add_argument("--write-results", action="store_true", help=f"regenerate {RESULTS_MD.name} (full runs only)")
+    p.add_argument("--sizes", type=lambda s: _parse_list(s, int), default=None, help="image sides, e.g. 2048,3072")
+    p.add_argument("--inputs", type=_parse_list, default=None, help="forms: raw,jpeg-ll,j2k")
+    p.add_argument("--images", type=int, default=None, help="images per latency run")
+    p.add_argument("--throughput-images", type=int, default=None, help="images per throughput run (0: none)")
+    p.add_argument("--senders", type=lambda s: _parse_list(s, int), default=[1, 4])
+    p.add_argument("--bare-runs", type=int, default=None, help="bare inference repetitions")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an image's results")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, storage)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    quick = args.quick
+    args.sizes = args.sizes or ([2048] if quick else [2048, 3072])
+    args.inputs = args.inputs or (["raw", "j2k"] if quick else ["raw", "jpeg-ll", "j2k"])
+    args.images = args.images if args.images is not None else (5 if quick else 20)
+    args.throughput_images = args.throughput_images if args.throughput_images is not None else (6 if quick else 16)
+    args.bare_runs = args.bare_runs or (15 if quick else 40)
+    if args.images < 1 or args.throughput_images < 0 or min(args.senders) < 1 or min(args.sizes) < 64:
+        parser.error("--images must be >= 1, --throughput-images >= 0, --senders >= 1, --sizes >= 64")
+    if args.write_results and quick:
+        parser.error("--write-results records full runs only; drop --quick")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    try:
+        report = run_benchmark(args, tmp)
+    finally:
+        if args.keep:
+            logger.info("kept %s", tmp)
+        else:
+            subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    print(render_text(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.write_results:
+        RESULTS_MD.write_text(render_markdown(report))
+        logger.info("wrote %s", RESULTS_MD)
+    return 1 if report["lost"] or report["duplicated"] or report["final_check"]["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
