@@ -94,6 +94,79 @@ def _blur3(image: np.ndarray, k: float) -> np.ndarray:
     return res
 
 
+@dataclass
+class _Acquisition:
+    """Per-image exposure, positioning and processing, drawn from the acquisition stream."""
+
+    fov_w: float
+    rows: int
+    spacing: float
+    apex_y: float
+    cx: float
+    tilt: float
+    quanta: float        # detected quanta per mm2 without attenuation (sets the noise)
+    alpha: float         # dynamic range compression
+    beta: float          # detail (edge) enhancement
+    mtf_k: float         # detector blur
+    win_shift: float
+    win_scale: float
+    lo_frac: float
+    hi_frac: float
+
+    @property
+    def fov_h(self) -> float:
+        return self.rows * self.spacing
+
+
+def _draw_acquisition(rng: np.random.Generator, anat, cols: int) -> _Acquisition:
+    fov_w = float(np.clip(2.0 * anat.body_half_width + rng.uniform(10.0, 90.0), 350.0, 430.0))
+    rows = max(64, int(round(cols * float(rng.uniform(0.9, 1.1)))))
+    spacing = fov_w / cols
+    apex_y = float(rng.uniform(30.0, 75.0))
+    if apex_y + anat.lung_bottom + 25.0 > rows * spacing:
+        apex_y = max(8.0, rows * spacing - anat.lung_bottom - 25.0)
+    return _Acquisition(
+        fov_w=fov_w, rows=rows, spacing=spacing, apex_y=apex_y,
+        cx=fov_w / 2.0 + float(np.clip(rng.normal(0.0, 8.0), -20.0, 20.0)),
+        tilt=math.radians(float(np.clip(rng.normal(0.0, 1.5), -4.0, 4.0))),
+        quanta=math.exp(float(rng.uniform(math.log(2e4), math.log(1.5e5)))),
+        alpha=float(rng.uniform(0.6, 0.85)), beta=float(rng.uniform(0.2, 0.8)),
+        mtf_k=float(rng.uniform(0.08, 0.22)),
+        win_shift=float(rng.normal(0.0, 0.03)), win_scale=float(rng.uniform(0.92, 1.12)),
+        lo_frac=float(rng.uniform(0.01, 0.06)), hi_frac=float(rng.uniform(0.8, 0.95)),
+    )
+
+
+def _process(att: np.ndarray, grid: Grid, acq: _Acquisition) -> np.ndarray:
+    """For-presentation processing: compress the large-scale range, enhance detail."""
+    coarse = lowpass(att, max(1, int(round(12.0 / grid.sx))), passes=4)
+    fine = lowpass(att, max(1, int(round(2.0 / grid.sx))), passes=1)
+    return att - np.float32(acq.alpha) * coarse + np.float32(acq.beta) * (att - fine)
+
+
+def _mapping(proc_anat: np.ndarray, air: np.ndarray, grid: Grid, anat, acq: _Acquisition,
+             bits: int) -> tuple[float, float, float, float]:
+    """Stored-value gain/offset and VOI window (centre, width), from the lesion-free anatomy."""
+    lung_vals = proc_anat[air > 40.0]
+    if lung_vals.size < 16:
+        lung_vals = proc_anat.ravel()
+    p_lung = float(np.percentile(lung_vals, 2.0))
+    mediastinum = grid.block(anat.spine_u - 30.0, anat.spine_u + 30.0, anat.carina_v,
+                             anat.lungs[0].dome_v - 20.0)
+    p_dense = float(np.percentile(proc_anat[mediastinum[0]], 60.0)) if mediastinum else float(proc_anat.max())
+    g_lo = float(proc_anat.min()) - 0.05
+    g_hi = float(proc_anat.max()) + 0.6          # headroom for lesions; metal may clip
+    maxval = (1 << bits) - 1
+    gain = (acq.hi_frac - acq.lo_frac) * maxval / (g_hi - g_lo)
+    offset = acq.lo_frac * maxval - g_lo * gain
+    span = p_dense - p_lung
+    w_lo = (p_lung - 0.1 * span) * gain + offset
+    w_hi = (p_dense + 0.22 * span) * gain + offset
+    width = max(16.0, (w_hi - w_lo) * acq.win_scale)
+    center = (w_lo + w_hi) / 2.0 + acq.win_shift * (w_hi - w_lo)
+    return gain, offset, center, width
+
+
 def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
                   nodules: bool | None = None, photometric: str | None = None) -> PhantomCase:
     """Render one chest phantom.
@@ -123,28 +196,13 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     vessels = grow_vessels(st["vessels"], anat)
     vessel_gain = float(st["vessels"].uniform(1.0, 1.5))
     extras = end_on_vessels(st["vessels"], anat) + sample_confounders(st["confounders"], anat)
+    acq = _draw_acquisition(st["acquisition"], anat, cols)
+    rows, spacing = acq.rows, acq.spacing
 
-    acq = st["acquisition"]
-    fov_w = float(np.clip(2.0 * anat.body_half_width + acq.uniform(10.0, 90.0), 350.0, 430.0))
-    rows = max(64, int(round(cols * float(acq.uniform(0.9, 1.1)))))
-    spacing = fov_w / cols
-    fov_h = rows * spacing
-    apex_y = float(acq.uniform(30.0, 75.0))
-    if apex_y + anat.lung_bottom + 25.0 > fov_h:
-        apex_y = max(8.0, fov_h - anat.lung_bottom - 25.0)
-    cx = fov_w / 2.0 + float(np.clip(acq.normal(0.0, 8.0), -20.0, 20.0))
-    tilt = math.radians(float(np.clip(acq.normal(0.0, 1.5), -4.0, 4.0)))
-    quanta = math.exp(float(acq.uniform(math.log(2e4), math.log(1.5e5))))   # per mm2, unattenuated
-    alpha = float(acq.uniform(0.6, 0.85))          # dynamic range compression
-    beta = float(acq.uniform(0.2, 0.8))            # detail (edge) enhancement
-    mtf_k = float(acq.uniform(0.08, 0.22))
-    win_shift, win_scale = float(acq.normal(0.0, 0.03)), float(acq.uniform(0.92, 1.12))
-    lo_frac, hi_frac = float(acq.uniform(0.01, 0.06)), float(acq.uniform(0.8, 0.95))
-
+    # attenuation line integrals at the render resolution
     rcols = min(cols, RENDER_MAX)
     rrows = rows if rcols == cols else max(32, int(round(rows * rcols / cols)))
-    grid = Grid(rrows, rcols, fov_h / rrows, fov_w / rcols, cx, apex_y, tilt)
-
+    grid = Grid(rrows, rcols, acq.fov_h / rrows, acq.fov_w / rcols, acq.cx, acq.apex_y, acq.tilt)
     mu = np.zeros((rrows, rcols), np.float32)
     texture = ValueNoise(st["anatomy"], -250.0, -50.0, 500.0, 450.0, 9.0)
     air = render_soft_tissue(mu, grid, anat, texture)
@@ -153,48 +211,20 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     render_clavicles(mu, grid, anat, st["bones"])
     render_spine(mu, grid, anat)
     render_shoulders(mu, grid, anat)
-    cell = max(1, int(round(12.0 / grid.sx)))
-    fine_cell = max(1, int(round(2.0 / grid.sx)))
-
-    def process(att: np.ndarray) -> np.ndarray:
-        """For-presentation processing: compress large-scale range, enhance detail."""
-        out = att - np.float32(alpha) * lowpass(att, cell, passes=4)
-        return out + np.float32(beta) * (att - lowpass(att, fine_cell, passes=1))
-
-    proc_anat = process(mu)
-
+    gain, offset, center, width = _mapping(_process(mu, grid, acq), air, grid, anat, acq, bits)
     render_confounders(mu, grid, extras)
     tb_boxes = render_tb(mu, grid, anat, tb_plans)
     nod_specs = sample_nodules(st["nodules"], anat) if nodules else []
     render_nodules(mu, grid, nod_specs)
-    proc = process(mu)
 
-    # stored-value mapping and VOI window from the lesion-free anatomy only
-    lung_vals = proc_anat[air > 40.0]
-    if lung_vals.size < 16:
-        lung_vals = proc_anat.ravel()
-    p_lung = float(np.percentile(lung_vals, 2.0))
-    mediastinum = grid.block(anat.spine_u - 30.0, anat.spine_u + 30.0, anat.carina_v,
-                             anat.lungs[0].dome_v - 20.0)
-    p_dense = float(np.percentile(proc_anat[mediastinum[0]], 60.0)) if mediastinum else float(proc_anat.max())
-    g_lo = float(proc_anat.min()) - 0.05
-    g_hi = float(proc_anat.max()) + 0.6
-    maxval = (1 << bits) - 1
-    gain = (hi_frac - lo_frac) * maxval / (g_hi - g_lo)
-    offset = lo_frac * maxval - g_lo * gain
-
-    sigma = 1.0 / np.sqrt(np.float32(quanta * spacing * spacing) * np.exp(-np.maximum(mu, 0.0)))
+    # quantum noise at full resolution (Poisson statistics of the detected quanta), blur, store
+    sigma = 1.0 / np.sqrt(np.float32(acq.quanta * spacing * spacing) * np.exp(-np.maximum(mu, 0.0)))
     sigma = np.minimum(sigma, 0.5).astype(np.float32)
-    full = resize_bilinear(proc, rows, cols)
-    full = full + resize_bilinear(sigma, rows, cols) * st["noise"].standard_normal((rows, cols), dtype=np.float32)
-    full = _blur3(full, mtf_k)
+    full = resize_bilinear(_process(mu, grid, acq), rows, cols)
+    full += resize_bilinear(sigma, rows, cols) * st["noise"].standard_normal((rows, cols), dtype=np.float32)
+    full = _blur3(full, acq.mtf_k)
+    maxval = (1 << bits) - 1
     stored = np.clip(np.rint(full * np.float32(gain) + np.float32(offset)), 0, maxval).astype(np.uint16)
-
-    span = p_dense - p_lung
-    w_lo = (p_lung - 0.1 * span) * gain + offset
-    w_hi = (p_dense + 0.22 * span) * gain + offset
-    width = max(16.0, (w_hi - w_lo) * win_scale)
-    center = (w_lo + w_hi) / 2.0 + win_shift * (w_hi - w_lo)
     if photometric == "MONOCHROME1":
         stored = (maxval - stored).astype(np.uint16)
         center = maxval + 1 - center

@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.train.phantom_anatomy import Anatomy, Lung
 from engines.train.phantom_geometry import (
-    LUNG_AIR, MU_CORTEX, MU_SOFT, Grid, ValueNoise, add_disc, add_tube, smoothstep, sphere,
+    LUNG_AIR, MU_CORTEX, Grid, ValueNoise, add_disc, add_tube, smoothstep, sphere,
 )
 
 logger = logging.getLogger(__name__)
