@@ -46,6 +46,15 @@ def test_case_fields_are_in_range():
             assert 4.0 <= n["diameter_mm"] <= 30.0
 
 
+def test_default_size_is_a_full_resolution_radiograph():
+    case = phantom.generate_case(2)
+    rows, cols = case.pixels.shape
+    assert 2000 <= cols <= 3000 and 0.89 * cols <= rows <= 1.11 * cols
+    assert 350.0 <= cols * case.pixel_spacing_mm <= 430.0
+    unit = phantom.unit_image(case)
+    assert 0.1 < float(unit.mean()) < 0.9 and float(unit.std()) > 0.1
+
+
 def test_defaults_give_about_half_tb_and_half_nodules():
     cases = [phantom.generate_case(1000 + s, size=96) for s in range(40)]
     tb = sum(c.tb for c in cases)

@@ -33,7 +33,7 @@ from engines.train.phantom_bones import (
     make_ribs, render_clavicles, render_ribs, render_shoulders, render_spine,
 )
 from engines.train.phantom_details import (
-    confounder_box, end_on_vessels, grow_vessels, render_confounders, render_vessels,
+    confounder_box, end_on_vessels, grow_vessels, render_confounders, render_hila, render_vessels,
     sample_confounders,
 )
 from engines.train.phantom_geometry import Grid, ValueNoise, lowpass, resize_bilinear
@@ -206,6 +206,7 @@ def generate_case(seed: int, *, size: int | None = None, tb: bool | None = None,
     mu = np.zeros((rrows, rcols), np.float32)
     texture = ValueNoise(st["anatomy"], -250.0, -50.0, 500.0, 450.0, 9.0)
     air = render_soft_tissue(mu, grid, anat, texture)
+    render_hila(mu, grid, anat)
     render_vessels(mu, grid, vessels, vessel_gain)
     render_ribs(mu, grid, anat, anat.ribs)
     render_clavicles(mu, grid, anat, st["bones"])

@@ -73,6 +73,25 @@ def render_vessels(mu: np.ndarray, grid: Grid, segments: list[Segment], gain: fl
     mu += buf
 
 
+def render_hila(mu: np.ndarray, grid: Grid, anat: Anatomy) -> None:
+    """Hilar shadows: the main pulmonary arteries and bronchi, a comma-shaped density."""
+    for lung in anat.lungs:
+        s = lung.side
+        # from the mediastinal border out to where the vessel trees start
+        inner = lung.med_base + (lung.trunk_amp if s > 0 else 0.0)
+        cu = s * 0.5 * (inner + lung.hilum_u) + lung.mid_u
+        cv = lung.hilum_v + (6.0 if s < 0 else -4.0)
+        a, b = 0.5 * (lung.hilum_u - inner) + 4.0, 24.0 * anat.size
+        blk = grid.block(cu - a, cu + a, cv - b, cv + b)
+        if blk is None:
+            continue
+        sl, U, V = blk
+        # lean the long axis outwards at the bottom, like the descending pulmonary arteries
+        du = U - cu - s * 0.25 * (V - cv)
+        rho = (du / a) ** 2 + ((V - cv) / b) ** 2
+        mu[sl] += (LUNG_AIR * 20.0 * anat.size * np.clip(1.0 - rho, 0.0, 1.0)).astype(np.float32)
+
+
 def end_on_vessels(rng: np.random.Generator, anat: Anatomy) -> list[dict]:
     """Vessels running along the beam: small dense dots (< 4 mm) in the inner lung."""
     dots = []

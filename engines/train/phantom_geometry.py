@@ -189,4 +189,4 @@ def resize_bilinear(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
         return image
     out = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
         (cols, rows), Image.Resampling.BILINEAR)
-    return np.asarray(out, dtype=np.float32)
+    return np.array(out, dtype=np.float32)      # a writable copy
