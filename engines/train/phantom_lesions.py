@@ -169,10 +169,10 @@ def _consolidation(mu, grid, anat, lung, sev, rng):
     for cell, weight in ((18.0, 0.55), (9.0, 0.3), (4.5, 0.15)):
         field_ += weight * ValueNoise(rng, cu - au, cv - av, 2 * au, 2 * av, cell)(U, V)
     zone = np.clip(1.0 - ((U - cu) / au) ** 2 - ((V - cv) / av) ** 2, 0.0, 1.0) ** 0.5
-    thr = 0.58 - 0.16 * sev
+    thr = 0.54 - 0.14 * sev
     patch = smoothstep((field_ * (0.55 + 0.45 * zone) - thr) / 0.22) * (zone > 0)
     depth = np.minimum(lung.thickness(U, V), 70.0)     # the consolidated lobe, not the whole lung depth
-    amp = 0.25 + 0.45 * sev
+    amp = 0.35 + 0.4 * sev
     add = LUNG_AIR * amp * depth * patch
     mu[sl] += add.astype(np.float32)
     return _block_extent(grid, sl, add > 0.2 * max(float(add.max()), 1e-6))
