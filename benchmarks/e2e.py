@@ -54,7 +54,7 @@ def pct(values: list[float], *qs: float) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values, dtype=np.float64)
-    return {f"p{q:g}": round(float(np.percentile(arr, q)), 2) for q in qs}
+    return {f"p{q:g}": round(float(np.percentile(arr, q)), 3) for q in qs}
 
 
 RESULT_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34": "sr", "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
@@ -75,7 +75,10 @@ class Arrival(NamedTuple):
 # ---------------------------------------------------------------- inputs
 
 def base_image(size: int, path: Path) -> str:
-    """Write one uncompressed chest image ``size`` pixels a side; returns its origin."""
+    """Write one uncompressed chest image ``size`` columns wide; returns its origin and size.
+
+    The project's phantom (``engines.train.phantom``, its aspect ratio) when it imports,
+    else the square synthetic image of ``benchmarks.analyze_bench``."""
     origin, ds = "synthetic", None
     try:
         from engines.train.phantom import generate_case, write_dicom
@@ -99,7 +102,7 @@ def base_image(size: int, path: Path) -> str:
         if keyword not in ds:
             setattr(ds, keyword, value)
     ds.save_as(path, enforce_file_format=True)
-    return origin
+    return f"{origin} {ds.Columns}x{ds.Rows}"
 
 
 def make_inputs(folder: Path, sizes: list[int], forms: list[str]) -> dict[str, dict[str, Any]]:
@@ -122,7 +125,7 @@ def make_inputs(folder: Path, sizes: list[int], forms: list[str]) -> dict[str, d
                 ds.save_as(path, enforce_file_format=True)
             out[f"{tag}-{form}"] = {"path": raw if form == "raw" else path, "syntax": FORMS[form],
                                     "storescu": STORESCU_TS[form],
-                                    "origin": f"{origin} {size}x{size}",
+                                    "origin": origin,
                                     "mb": round((raw if form == "raw" else path).stat().st_size / 1e6, 2)}
     return out
 
@@ -536,6 +539,9 @@ def bare_inference(models_dir: Path, backend: str, cache_dir: Path, sample: Path
     models = load_models(models_dir, backend, cache_dir=cache_dir)
     try:
         prepared = Analyzer(models).prepare(sample)
+        if prepared.findings_if_skipped is not None:
+            raise RuntimeError(f"{sample.name}: the benchmark image is not analyzed by the appliance "
+                               f"({prepared.findings_if_skipped.reason}); choose other --sizes")
         totals: list[float] = []
         per: dict[str, list[float]] = {n: [] for n in models}
         for i in range(runs + 3):          # 3 warm-up runs, discarded
@@ -602,6 +608,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from engines import DEFAULT_MODELS_DIR
 
     models_dir = Path(args.models_dir or DEFAULT_MODELS_DIR)
+    load_before = os.getloadavg()
     inputs = make_inputs(workdir / "inputs", args.sizes, args.inputs)
     cache_dir = workdir / "engines"
     first = next(iter(inputs.values()))
@@ -651,7 +658,8 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
               "pacs": args.pacs, "backend_requested": args.backend, "models_dir": str(models_dir),
               "models": bare["models"], "bare_inference_ms": bare, "runs": runs,
               "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
-              "final_check": final}
+              "final_check": final, "load_average": {"before": [round(x, 2) for x in load_before],
+                                                     "after": [round(x, 2) for x in os.getloadavg()]}}
     if report["lost"] or report["duplicated"] or final["problems"]:
         report["edge_log_tail"] = edge_log_tail
     report["targets"] = evaluate_targets(report)
@@ -706,7 +714,7 @@ def _tables(report: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
     head = ["input", "mode", "senders", "images", "e2e p50", "p95", "p99", "bare p50", "ratio",
             "img/min", "peak RSS MB", "lost", "dup"]
     rows = [[r["input"], r["mode"], str(r["senders"]), str(r["images"]), _fmt(r["e2e_ms"].get("p50")),
-             _fmt(r["e2e_ms"].get("p95")), _fmt(r["e2e_ms"].get("p99")), _fmt(r["bare_inference_ms"].get("p50")),
+             _fmt(r["e2e_ms"].get("p95")), _fmt(r["e2e_ms"].get("p99")), _fmt(r["bare_inference_ms"].get("p50"), 2),
              _fmt(r.get("ratio"), 2), _fmt(r["throughput_per_min"]), _fmt(r["peak_rss_mb"]),
              str(r["lost"]), str(r["duplicated"])] for r in report["runs"]]
     shead = ["input", *STAGES[:-1], "slowest"]
@@ -741,7 +749,11 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
                        for m in report["models"])
     return [f"machine: {report['machine']}", f"models: {models} from {report['models_dir']}",
             f"bare inference of both models: p50 {_fmt(bare.get('p50'), 2)} ms, p95 {_fmt(bare.get('p95'), 2)} ms"
-            f" ({bare['runs']} runs)", f"PACS: {report['pacs']}; date: {report['date']}",
+            f" ({bare['runs']} runs)", f"PACS: {report['pacs']}; date: {report['date']}; load average "
+            f"(1 min) {report['load_average']['before'][0]} before, {report['load_average']['after'][0]} after"
+            + ("; OTHER PROCESSES WERE BUSY: timings are pessimistic"
+               if max(report["load_average"]["before"][0], report["load_average"]["after"][0])
+               > 0.5 * report["machine_details"]["cores"] else ""),
             f"command: {report['command']}"]
 
 
