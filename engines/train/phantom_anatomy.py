@@ -41,6 +41,11 @@ class Lung:
     mid_u: float = 0.0      # midline shift of the mediastinum (rotation)
     hilum_u: float = 60.0
     hilum_v: float = 110.0
+    chest_top: float | None = None   # apex level before any volume loss: the rib cage stays put
+
+    def __post_init__(self) -> None:
+        if self.chest_top is None:
+            self.chest_top = self.apex_v
 
     @property
     def base_v(self) -> float:

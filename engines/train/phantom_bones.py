@@ -44,7 +44,7 @@ def make_ribs(rng: np.random.Generator, anat: Anatomy) -> list[Rib]:
     dv = anat.rib_spacing
     for lung in anat.lungs:
         for k in range(1, 12):
-            top = lung.apex_v - 7.0 + (k - 1) * dv * float(rng.uniform(0.97, 1.03))
+            top = lung.chest_top - 7.0 + (k - 1) * dv * float(rng.uniform(0.97, 1.03))
             c_up = 16.0 if k == 1 else min(18.0 + 3.2 * k, 42.0) * float(rng.uniform(0.9, 1.1))
             cv = top + c_up
             _, lateral = lung.edges(np.array([cv + 10.0]))
@@ -149,7 +149,7 @@ def render_spine(mu: np.ndarray, grid: Grid, anat: Anatomy) -> None:
     """Vertebral bodies with endplates, pedicles and spinous processes, behind the mediastinum."""
     su = anat.spine_u
     period = anat.rib_spacing
-    v_start = anat.lungs[0].apex_v - 6.0 - 3 * period
+    v_start = anat.lungs[0].chest_top - 6.0 - 3 * period
     blk = grid.block(su - 45.0, su + 45.0, v_start, 1e5)
     if blk is None:
         return
@@ -176,7 +176,7 @@ def render_shoulders(mu: np.ndarray, grid: Grid, anat: Anatomy) -> None:
     forward) and the humeral heads in the upper corners."""
     for lung in anat.lungs:
         s = lung.side
-        v_top = lung.apex_v + 5.0
+        v_top = lung.chest_top + 5.0
         v_inf = lung.dome_v * 0.62
         med_top = lung.width - anat.scapula_overlap
         blk = grid.block(min(s * (med_top - 10), s * (lung.width + 80)), max(s * (med_top - 10), s * (lung.width + 80)),

@@ -123,9 +123,7 @@ def plan_tb(rng: np.random.Generator, anat: Anatomy) -> list[TBPattern]:
             lung.hilum_v -= 8.0 + 18.0 * sev
             lung.width *= 1.0 - 0.06 * sev
             anat.trachea_u += pside * (3.0 + 9.0 * sev)
-            p.params["seed"] = int(rng.integers(0, 2**31))
-        else:
-            p.params["seed"] = int(rng.integers(0, 2**31))
+        p.params["seed"] = int(rng.integers(0, 2**31))
         plans.append(p)
     return plans
 
