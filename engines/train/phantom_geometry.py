@@ -93,14 +93,13 @@ def shell(d: np.ndarray, r, cortex: float, mu_cortex: float, mu_core: float) -> 
     return mu_cortex * (outer - inner) + mu_core * inner
 
 
-def add_disc(mu: np.ndarray, grid: Grid, u: float, v: float, r: float, mu_per_mm: float,
-             *, depth_scale: float = 1.0) -> None:
+def add_disc(mu: np.ndarray, grid: Grid, u: float, v: float, r: float, mu_per_mm: float) -> None:
     """Add a projected sphere (a nodule, a dot) centred at ``(u, v)``."""
     blk = grid.block(u - r, u + r, v - r, v + r)
     if blk is None:
         return
     sl, U, V = blk
-    mu[sl] += np.float32(mu_per_mm * depth_scale) * sphere((U - u) ** 2 + (V - v) ** 2, r)
+    mu[sl] += np.float32(mu_per_mm) * sphere((U - u) ** 2 + (V - v) ** 2, r)
 
 
 def add_tube(mu: np.ndarray, grid: Grid, p0: tuple[float, float], p1: tuple[float, float],
