@@ -109,15 +109,10 @@ def cmd_demo(ns, config: Config) -> int:
 
 def cmd_analyze(ns, config: Config) -> int:
     from .analysis import analyze_main
-    from .triage import TriageRules
     logging.basicConfig(level=logging.WARNING)
-    t = config.triage
-    rules = TriageRules(modalities=t.modalities, body_parts=t.body_parts, views=t.views,
-                        min_age_years=t.min_age_years, min_side_px=t.min_side_px,
-                        max_side_px=t.max_side_px)
     return analyze_main(ns.file, as_json=ns.json, models_dir=config.models_dir,
                         backend=config.models.backend, tb_threshold=config.models.tb_threshold,
-                        triage_rules=rules)
+                        triage_rules=config.triage)
 
 
 def _fmt_time(ts: float | None) -> str:

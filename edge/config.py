@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .triage import TriageRules
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 (JetPack 6)
@@ -68,16 +70,6 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
-class TriageConfig:
-    modalities: tuple[str, ...] = ("CR", "DX")
-    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "")
-    views: tuple[str, ...] = ("PA", "AP", "")
-    min_age_years: int = 15
-    min_side_px: int = 1024
-    max_side_px: int = 5000
-
-
-@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -107,7 +99,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     web: WebConfig = field(default_factory=WebConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
-    triage: TriageConfig = field(default_factory=TriageConfig)
+    triage: TriageRules = field(default_factory=TriageRules)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     destinations: tuple[Destination, ...] = ()
@@ -304,8 +296,8 @@ def _models(d: dict) -> ModelsConfig:
     return ModelsConfig(**kw)
 
 
-def _triage(d: dict) -> TriageConfig:
-    _reject_unknown("triage", d, TriageConfig)
+def _triage(d: dict) -> TriageRules:
+    _reject_unknown("triage", d, TriageRules)
     kw: dict[str, Any] = {}
     for k in ("modalities", "body_parts", "views"):
         if k in d:
@@ -316,7 +308,7 @@ def _triage(d: dict) -> TriageConfig:
         kw["min_side_px"] = _int_range("triage.min_side_px", d["min_side_px"], 64)
     if "max_side_px" in d:
         kw["max_side_px"] = _int_range("triage.max_side_px", d["max_side_px"], 64)
-    out = TriageConfig(**kw)
+    out = TriageRules(**kw)
     if out.min_side_px > out.max_side_px:
         raise ConfigError("triage.min_side_px: must not be larger than triage.max_side_px")
     return out

@@ -107,18 +107,13 @@ class Appliance:
 
         from .analysis import Analyzer
         from .pipeline import Pipeline
-        from .triage import TriageRules
 
         cfg = self.config
         try:
             self.models = load_models(cfg.models_dir, cfg.models.backend, cache_dir=cfg.engine_cache_dir)
         except (ManifestError, ModelIntegrityError, OSError) as exc:
             raise ConfigError(f"models could not be loaded from {cfg.models_dir}: {exc}") from exc
-        t = cfg.triage
-        rules = TriageRules(modalities=t.modalities, body_parts=t.body_parts, views=t.views,
-                            min_age_years=t.min_age_years, min_side_px=t.min_side_px,
-                            max_side_px=t.max_side_px)
-        analyzer = Analyzer(self.models, tb_threshold=cfg.models.tb_threshold, triage_rules=rules)
+        analyzer = Analyzer(self.models, tb_threshold=cfg.models.tb_threshold, triage_rules=cfg.triage)
         self.pipeline = Pipeline(cfg, self.journal, analyzer, work_available=self.work_available,
                                  metrics=self.metrics, on_results=lambda: self.outbox and self.outbox.wake())
         self.metrics.set_model_info(self.model_info())
