@@ -181,7 +181,8 @@ class _PACS:
 
     aet = "PACS"
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
         self.dicom_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.arrivals: dict[str, list[Arrival]] = {}
@@ -216,8 +217,8 @@ class _PACS:
 class OrthancPeer(_PACS):
     """The Debian Orthanc with a temp config; new instances come from ``/changes``."""
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__()
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(env)
         self.dir = workdir / "orthanc"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
@@ -237,7 +238,8 @@ class OrthancPeer(_PACS):
         if not Path(exe).exists():
             raise RuntimeError("Orthanc is not installed (apt-get install orthanc), or use --pacs storescp")
         with open(self.dir / "orthanc.log", "ab") as log:
-            self.proc = subprocess.Popen([exe, str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+            self.proc = subprocess.Popen([exe, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.dir, env=self.env)
         wait_for_port(self.http_port, 60, self.proc, "Orthanc")
         wait_for_port(self.dicom_port, 60, self.proc, "Orthanc")
         self._session = requests.Session()
@@ -265,8 +267,8 @@ class OrthancPeer(_PACS):
 class StorescpPeer(_PACS):
     """DCMTK ``storescp`` writing every received object to its own file (``+uf``)."""
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__()
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(env)
         self.dir = workdir / "storescp"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seen: set[str] = set()
@@ -275,7 +277,7 @@ class StorescpPeer(_PACS):
         with open(self.dir.parent / "storescp.log", "ab") as log:
             self.proc = subprocess.Popen(["storescp", "-aet", self.aet, "+xa", "-od", str(self.dir), "+uf",
                                           "-fe", ".dcm", str(self.dicom_port)],
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env)
         wait_for_port(self.dicom_port, 30, self.proc, "storescp")
 
     def _new_keys(self) -> list[str]:
@@ -440,9 +442,10 @@ def check_images(images: list[dict], pacs, recs: dict[str, dict]) -> tuple[int, 
     return lost, dup, problems
 
 
-def _storescu(edge: EdgeProcess, files: list[Path], options: list[str]) -> bool:
+def _storescu(edge: EdgeProcess, files: list[Path], options: list[str], env: dict[str, str]) -> bool:
     proc = subprocess.run(["storescu", *options, "-aet", "MODALITY", "-aec", edge.ae_title, "127.0.0.1",
-                           str(edge.port), *map(str, files)], capture_output=True, text=True, timeout=600)
+                           str(edge.port), *map(str, files)], capture_output=True, text=True, timeout=600,
+                          env=env)
     if proc.returncode != 0:
         logger.error("storescu failed (%d): %s", proc.returncode, proc.stderr.strip()[-500:])
     return proc.returncode == 0
@@ -466,7 +469,7 @@ def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeP
     t_start = time.time()
     if mode == "latency":
         for img in copies:
-            img["sent_ok"] = _storescu(edge, [img["path"]], storescu)
+            img["sent_ok"] = _storescu(edge, [img["path"]], storescu, pacs.env)
             img["t_sent"] = time.time()
             deadline = img["t_sent"] + timeout
             while img["sent_ok"] and not _complete(pacs, img["study"]) and time.time() < deadline:
@@ -476,7 +479,7 @@ def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeP
         groups = [copies[i::senders] for i in range(senders)]
 
         def send(group: list[dict]) -> None:
-            ok = _storescu(edge, [g["path"] for g in group], storescu)
+            ok = _storescu(edge, [g["path"] for g in group], storescu, pacs.env)
             for g in group:
                 g["sent_ok"] = ok
         threads = [threading.Thread(target=send, args=(g,)) for g in groups if g]
@@ -614,7 +617,10 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     first = next(iter(inputs.values()))
     bare = bare_inference(models_dir, args.backend, cache_dir, first["path"], args.bare_runs)
     logger.info("bare inference of both models: p50 %.1f ms", bare.get("p50", float("nan")))
-    pacs = OrthancPeer(workdir) if args.pacs == "orthanc" else StorescpPeer(workdir)
+    # DCMTK (storescu, storescp, and Orthanc's network layer) leaves Nagle's algorithm on unless
+    # TCP_NODELAY=1: small PDUs then wait for delayed ACKs (about 40-90 ms per C-STORE here)
+    env = dict(os.environ, TCP_NODELAY="0" if args.peer_nagle else "1")
+    pacs = OrthancPeer(workdir, env) if args.pacs == "orthanc" else StorescpPeer(workdir, env)
     edge = EdgeProcess(workdir, models_dir=models_dir, backend=args.backend, cache_dir=cache_dir,
                        destination=pacs.destination())
     runs: list[dict[str, Any]] = []
@@ -633,9 +639,12 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 run = run_one(label, mode, senders, copies, edge, pacs, args.timeout, spec["storescu"])
                 run.update(transfer_syntax=spec["syntax"], file_mb=spec["mb"], source=spec["origin"],
                            bare_inference_ms=pct_subset(bare), warmup_images=len(warm))
-                w = warm and check_images(warm, pacs, wait_journal(edge.journal_path, [warm[0]["sop"]]))
-                run["lost"] += w[0] if w else 0
-                run["duplicated"] += w[1] if w else 0
+                if warm:   # the warm-up image must not be lost or duplicated either
+                    lost, dup, problems = check_images(warm, pacs, wait_journal(edge.journal_path,
+                                                                                [warm[0]["sop"]]))
+                    run["lost"] += lost
+                    run["duplicated"] += dup
+                    run["problems"] += problems
                 p50 = run["e2e_ms"].get("p50")
                 run["ratio"] = round(p50 / bare["p50"], 3) if p50 and bare.get("p50") else None
                 runs.append(run)
@@ -655,7 +664,8 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     report = {"machine": info["summary"], "machine_details": info,
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "command": "python -m benchmarks.e2e " + " ".join(args.argv), "quick": args.quick,
-              "pacs": args.pacs, "backend_requested": args.backend, "models_dir": str(models_dir),
+              "pacs": args.pacs, "peer_tcp_nodelay": not args.peer_nagle, "backend_requested": args.backend,
+              "models_dir": str(models_dir),
               "models": bare["models"], "bare_inference_ms": bare, "runs": runs,
               "lost": sum(r["lost"] for r in runs), "duplicated": sum(r["duplicated"] for r in runs),
               "final_check": final, "load_average": {"before": [round(x, 2) for x in load_before],
@@ -749,7 +759,9 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
                        for m in report["models"])
     return [f"machine: {report['machine']}", f"models: {models} from {report['models_dir']}",
             f"bare inference of both models: p50 {_fmt(bare.get('p50'), 2)} ms, p95 {_fmt(bare.get('p95'), 2)} ms"
-            f" ({bare['runs']} runs)", f"PACS: {report['pacs']}; date: {report['date']}; load average "
+            f" ({bare['runs']} runs)", f"PACS: {report['pacs']} (DCMTK peers with "
+            f"{'TCP_NODELAY=1' if report['peer_tcp_nodelay'] else 'Nagle on, their default'}); "
+            f"date: {report['date']}; load average "
             f"(1 min) {report['load_average']['before'][0]} before, {report['load_average']['after'][0]} after"
             + ("; OTHER PROCESSES WERE BUSY: timings are pessimistic"
                if max(report["load_average"]["before"][0], report["load_average"]["after"][0])
@@ -815,6 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--senders", type=lambda s: _parse_list(s, int), default=[1, 4])
     p.add_argument("--bare-runs", type=int, default=None, help="bare inference repetitions")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an image's results")
+    p.add_argument("--peer-nagle", action="store_true",
+                   help="leave Nagle's algorithm on in the DCMTK peers (their default): slower delivery")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, storage)")
     return p
 
