@@ -3,7 +3,7 @@
     python -m benchmarks.e2e [--quick] [--backend auto|onnxruntime|tensorrt] [--models-dir DIR]
                              [--pacs orthanc|storescp] [--json PATH] [--write-results]
 
-The modality (DCMTK ``storescu``) sends phantom chest X-rays (2k and 3k a side; uncompressed,
+The modality (DCMTK ``storescu``) sends phantom chest X-rays (2k and 3k wide; uncompressed,
 JPEG lossless SV1, JPEG 2000 lossless) to the appliance, started with a temporary config on
 loopback ports, which sends SR, GSPS and SC to a PACS on loopback. Latency runs send one
 image at a time and time "storescu returned" to "last of its 3 results at the PACS" (the
@@ -11,7 +11,9 @@ PACS is polled every 10 ms). Throughput runs flood the box with 1 and 4 concurre
 Per-stage timings come from the appliance's journal, peak memory from VmHWM of the
 ``edge serve`` process (reset before each run), and bare inference is the same models timed
 in this process. Every run checks that no image is lost and no result duplicated, at the
-PACS and in the journal: exit status 1 if any is, else 0 (missed targets are only reported).
+PACS and in the journal: exit status 1 if any is, 2 if the benchmark could not run, else 0
+(missed targets are only reported). The DCMTK peers run with ``TCP_NODELAY=1`` unless
+``--peer-nagle``: with Nagle's algorithm on, each C-STORE to them waits for delayed ACKs.
 """
 from __future__ import annotations
 
@@ -847,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2k only, uncompressed and JPEG 2000, a few images each (under a minute)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
                    help="models.backend of the appliance and of the bare-inference comparison")
-    p.add_argument("--models-dir", type=Path, default=None, help="model folders (default: engines/models)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="model folders (default: the shipped engines/models)")
     p.add_argument("--pacs", choices=("orthanc", "storescp"), default="orthanc")
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--write-results", action="store_true", help=f"regenerate {RESULTS_MD.name} (full runs only)")
@@ -880,9 +883,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_results and quick:
         parser.error("--write-results records full runs only; drop --quick")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)     # "tile number 1 / 1"
+    from engines.manifest import ManifestError
+
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     try:
         report = run_benchmark(args, tmp)
+    except (ManifestError, RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"error: the benchmark could not run: {exc}\n(models: --models-dir; logs: rerun with --keep)",
+              file=sys.stderr)
+        return 2
     finally:
         if args.keep:
             logger.info("kept %s", tmp)
