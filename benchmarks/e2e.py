@@ -795,9 +795,8 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
             f"{'TCP_NODELAY=1' if report['peer_tcp_nodelay'] else 'Nagle on, their default'}); "
             f"date: {report['date']}; load average "
             f"(1 min) {report['load_average']['before'][0]} before, {report['load_average']['after'][0]} after"
-            + ("; OTHER PROCESSES WERE BUSY: timings are pessimistic"
-               if max(report["load_average"]["before"][0], report["load_average"]["after"][0])
-               > 0.5 * report["machine_details"]["cores"] else ""),
+            + ("; OTHER PROCESSES WERE BUSY before the start: timings are pessimistic"
+               if report["load_average"]["before"][0] > 0.5 * report["machine_details"]["cores"] else ""),
             f"command: {report['command']}"]
 
 
