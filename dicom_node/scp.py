@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from .scu import set_nodelay
 from .sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class StoreSCP:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_ACCEPTED, self._handle_accepted),
+            (evt.EVT_CONN_OPEN, self._handle_conn_open),
         ]
         self._server = self.ae.start_server(
             (self.settings.host, self.settings.port), block=False,
@@ -207,6 +209,9 @@ class StoreSCP:
     # --------------------------------------------------------------- handlers
     def _handle_echo(self, event) -> int:
         return SUCCESS
+
+    def _handle_conn_open(self, event) -> None:
+        set_nodelay(event.assoc)   # responses go out at once, not after the peer's delayed ACK
 
     def _handle_accepted(self, event) -> None:
         self._on_event("association_accepted", {"calling_ae": event.assoc.requestor.ae_title})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,24 @@ def _ae(peer: Peer) -> AE:
 
 def _associate(ae: AE, peer: Peer):
     tls = (peer.ssl_context, "") if peer.ssl_context else None
-    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
+    if assoc.is_established:
+        set_nodelay(assoc)
+    return assoc
+
+
+def set_nodelay(assoc) -> None:
+    """Disable Nagle's algorithm on an association's socket.
+
+    A C-STORE request is a small command PDU followed by data PDUs; with Nagle's algorithm
+    and delayed ACKs on the peer, each small store can wait ~40 ms for nothing.
+    """
+    try:
+        sock = assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        logger.debug("could not set TCP_NODELAY", exc_info=True)
 
 
 def echo(peer: Peer) -> SendOutcome:

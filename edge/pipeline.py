@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pydicom import dcmread
-
 from .config import OUTPUT_TYPES, Config
 from .findings import Findings
 from .journal import InstanceRow, Journal
-from .storage import write_durably
+from .storage import write_all_durably
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +99,7 @@ class Pipeline:
             return None
         path = self.config.storage_dir / row.path
         try:
-            source = dcmread(str(path))
-        except Exception as exc:  # noqa: BLE001
-            self._finish(row, "failed", f"stored file cannot be read ({type(exc).__name__})")
-            return None
-        try:
-            prepared = self.analyzer.prepare(source)
+            prepared = self.analyzer.prepare(path)    # reads the stored file (timed as "read")
         except ImagingError as exc:
             self._finish(row, "failed", str(exc))
             return None
@@ -114,6 +107,7 @@ class Pipeline:
             logger.exception("unexpected error preparing an image")
             self._finish(row, "failed", f"internal error while reading the image ({type(exc).__name__})")
             return None
+        source = prepared.dataset
         skipped = getattr(prepared, "findings_if_skipped", None)
         if skipped is not None:
             self._finish(row, "skipped", skipped.reason, findings=skipped)
@@ -160,11 +154,12 @@ class Pipeline:
         received = datetime.datetime.fromtimestamp(job.row.received_at).replace(microsecond=0)
         results = build_results(job.source, findings, job.prepared.image.unit_image,
                                 self.outputs, analysis_time=received, **kwargs)
-        objects = []
+        objects, files = [], {}
         for kind, ds in results.items():
             rel = f"results/{ds.StudyInstanceUID}/{kind}_{ds.SOPInstanceUID}.dcm"
-            write_durably(self.config.storage_dir / rel, _encode(ds))
+            files[self.config.storage_dir / rel] = _encode(ds)
             objects.append((kind, str(ds.SOPInstanceUID), rel))
+        write_all_durably(files)
         report_ms = (time.perf_counter() - t0) * 1000.0
         timings = dict(findings.timings_ms)
         timings["report"] = report_ms

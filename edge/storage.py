@@ -26,18 +26,28 @@ def fsync_dir(path: Path) -> None:
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that after return it survives a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    write_all_durably({path: data})
+
+
+def write_all_durably(files: dict[Path, bytes]) -> None:
+    """Like ``write_durably`` for several files: each file fsynced and renamed, then each
+    distinct directory fsynced once (the result objects of one image share a folder)."""
+    dirs: set[Path] = set()
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dirs.add(path.parent)
+    for d in dirs:
+        fsync_dir(d)
 
 
 def free_mb(path: Path) -> float:
