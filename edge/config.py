@@ -308,10 +308,13 @@ def _triage(d: dict) -> TriageRules:
         kw["min_side_px"] = _int_range("triage.min_side_px", d["min_side_px"], 64)
     if "max_side_px" in d:
         kw["max_side_px"] = _int_range("triage.max_side_px", d["max_side_px"], 64)
-    out = TriageRules(**kw)
-    if out.min_side_px > out.max_side_px:
+    defaults = TriageRules()
+    if kw.get("min_side_px", defaults.min_side_px) > kw.get("max_side_px", defaults.max_side_px):
         raise ConfigError("triage.min_side_px: must not be larger than triage.max_side_px")
-    return out
+    try:
+        return TriageRules(**kw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"triage: {exc}") from None
 
 
 def _delivery(d: dict) -> DeliveryConfig:

@@ -62,6 +62,9 @@ class OnnxRuntimeRunner(Runner):
         requested = choose_providers(device, list(ort.get_available_providers()))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle worker threads must not spin: decoding the next image runs on the same
+        # cores between inferences (measured here: J2K decode 29 ms instead of 91 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads is not None:
             if intra_op_threads < 0:
                 raise ValueError(f"intra_op_threads must be >= 0 (0 = onnxruntime default), "
