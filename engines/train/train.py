@@ -44,15 +44,24 @@ class TrainConfig:
 
     seed: int = 0
     render_size: int = 640        # phantom columns for the training cache
-    train_cases: int = 1600
+    train_cases: int = 2000
     val_cases: int = 96
-    tb_steps: int = 1400
+    tb_steps: int = 2500
     tb_batch: int = 16
     tb_lr: float = 3e-3
-    det_steps: int = 2600
-    det_batch: int = 8
+    det_steps: int = 5000
+    det_batch: int = 16
+    det_patch: int = 256          # detector trains on windows of the 512 view (fully convolutional)
+    det_focus: float = 0.5        # share of windows centred near a nodule
+    tb_width: int = 16            # channels of the first stage (see nets.py)
+    det_width: int = 16
     det_lr: float = 2.5e-3
     weight_decay: float = 1e-4
+    # augmentation knobs (see data.augment): strong intensity changes, noise and blur slowed
+    # learning of the subtle TB patterns and nodules a lot for little robustness gain
+    aug_intensity: float = 0.5
+    aug_noise: float = 0.25
+    aug_blur: float = 0.0
     threads: int = 2
     workers: int = 2
     eval_count: int = 150
@@ -87,9 +96,13 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 
 
 def _batch(cases: list[tdata.RenderedCase], idx: np.ndarray, size: int,
-           rng: np.random.Generator, strength: float) -> list[tdata.Sample]:
-    return [tdata.augment(cases[int(i)], size, size, rng, mean=MEAN, std=STD, strength=strength)
-            for i in idx]
+           rng: np.random.Generator, strength: float, **options: float) -> list[tdata.Sample]:
+    return [tdata.augment(cases[int(i)], size, size, rng, mean=MEAN, std=STD, strength=strength,
+                          **options) for i in idx]
+
+
+def _aug_options(cfg: TrainConfig) -> dict[str, float]:
+    return {"intensity": cfg.aug_intensity, "noise": cfg.aug_noise, "blur": cfg.aug_blur}
 
 
 def tb_loss(score_logit: torch.Tensor, cam_logit: torch.Tensor, labels: torch.Tensor,
@@ -125,7 +138,7 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
     roc_auc = _model_eval().roc_auc
     rng = np.random.default_rng(cfg.seed + 11)
     torch.manual_seed(cfg.seed + 11)
-    model = TBClassifier()
+    model = TBClassifier(width=cfg.tb_width)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.tb_lr, weight_decay=cfg.weight_decay)
     val_x = torch.from_numpy(np.stack([s.tensor for s in _batch(val, np.arange(len(val)), TB_SIZE, rng, 0.0)]))
     val_y = np.asarray([c.tb for c in val])
@@ -135,7 +148,8 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.tb_steps, cfg.tb_lr)
         model.train()
-        samples = _batch(cases, rng.integers(0, len(cases), cfg.tb_batch), TB_SIZE, rng, 1.0)
+        samples = _batch(cases, rng.integers(0, len(cases), cfg.tb_batch), TB_SIZE, rng, 1.0,
+                         **_aug_options(cfg))
         x = torch.from_numpy(np.stack([s.tensor for s in samples]))
         y = torch.tensor([float(s.tb) for s in samples])
         masks = torch.from_numpy(np.stack([tdata.tb_mask(s.tb_boxes, TB_SIZE, TB_SIZE, TB_STRIDE)
@@ -159,7 +173,8 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
 
 
 def _det_targets(samples: list[tdata.Sample]) -> dict[str, torch.Tensor]:
-    maps = [tdata.centernet_targets(s.nodule_boxes, DET_SIZE, DET_SIZE, DET_STRIDE) for s in samples]
+    maps = [tdata.centernet_targets(s.nodule_boxes, s.tensor.shape[-2], s.tensor.shape[-1], DET_STRIDE)
+            for s in samples]
     return {key: torch.from_numpy(np.stack([m[key] for m in maps])) for key in maps[0]}
 
 
@@ -169,7 +184,7 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
     decode_detections, froc = _model_eval().decode_detections, _model_eval().froc
     rng = np.random.default_rng(cfg.seed + 23)
     torch.manual_seed(cfg.seed + 23)
-    model = NoduleDetector()
+    model = NoduleDetector(width=cfg.det_width)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.det_lr, weight_decay=cfg.weight_decay)
     # over-sample cases with nodules 2:1 so the rare positive cells get enough gradient
     weights = np.asarray([2.0 if len(c.nodule_boxes) else 1.0 for c in cases])
@@ -181,7 +196,8 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.det_steps, cfg.det_lr)
         model.train()
-        samples = _batch(cases, rng.choice(len(cases), cfg.det_batch, p=weights), DET_SIZE, rng, 1.0)
+        samples = _batch(cases, rng.choice(len(cases), cfg.det_batch, p=weights), DET_SIZE, rng, 1.0,
+                         patch=cfg.det_patch, focus=cfg.det_focus, **_aug_options(cfg))
         x = torch.from_numpy(np.stack([s.tensor for s in samples]))
         heat, size, offset = model.forward_raw(x)
         loss, parts = centernet_loss(heat, size, offset, _det_targets(samples))
@@ -225,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="phantom rendering processes")
     parser.add_argument("--eval-count", type=int, default=None, help="held-out phantoms to evaluate")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    for key in ("train_cases", "render_size", "tb_steps", "det_steps"):
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None,
+                            help=f"override {key} (default: {getattr(TrainConfig(), key)})")
     return parser
 
 
@@ -234,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = QUICK if args.quick else TrainConfig()
     cfg = replace(cfg, seed=args.seed, threads=args.threads, workers=args.workers)
-    if args.eval_count is not None:
-        cfg = replace(cfg, eval_count=args.eval_count)
+    overrides = {key: getattr(args, key) for key in ("eval_count", "train_cases", "render_size",
+                                                     "tb_steps", "det_steps")
+                 if getattr(args, key) is not None}
+    cfg = replace(cfg, **overrides)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     command = "python -m engines.train.train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -274,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                            input_name="image", output_names=outputs)
         info["latency_ms"] = round(ort_latency_ms(folder / "model.onnx", threads=cfg.threads), 2)
         info["parameters"] = count_parameters(model)
+        info["width"] = cfg.tb_width if name == "tb_classifier" else cfg.det_width
         exported[name] = info
-        write_manifest_for(name, folder)
+        info["input_size"] = [size, size]
+        write_manifest_for(name, folder, size=size)
         logger.info("%s: %d parameters, ORT CPU median %.1f ms", name, info["parameters"], info["latency_ms"])
 
     evaluation, evaluation_md = None, None
