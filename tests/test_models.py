@@ -149,3 +149,77 @@ def test_detector_quiet_on_clean_images(models):
         case = phantom.generate_case(seed, size=SIZE, nodules=False, tb=False)
         counts.append(len(_detections_full_res(model, case)))
     assert sum(counts) <= len(CLEAN_SEEDS) // 2, counts
+
+
+# --------------------------------------------------------------- training targets and metrics
+
+def test_centernet_targets_decode_back_to_the_same_boxes():
+    """Training targets fed to the appliance's decoder give the boxes back (same convention)."""
+    from engines.manifest import parse_manifest
+    from engines.train.data import centernet_targets
+    from engines.train.export import MANIFESTS
+
+    data = {section: dict(values) for section, values in MANIFESTS["nodule_detector"].items()}
+    data["model"]["sha256"] = "0" * 64          # not checked here: no file is loaded
+    manifest = parse_manifest(data, MODELS / "nodule_detector")
+    size = manifest.input.height
+    boxes = np.array([[100.3, 200.7, 120.9, 219.1], [300.0, 50.5, 340.0, 92.5], [10.2, 400.0, 18.6, 408.4]],
+                     np.float32)
+    t = centernet_targets(boxes, size, size, manifest.output.stride)
+    outputs = {manifest.output.heatmap: t["heatmap"][None], manifest.output.size: t["size"][None],
+               manifest.output.offset: t["offset"][None]}
+    decoded = sorted(decode_centernet(outputs, manifest), key=lambda d: d[0])
+    assert len(decoded) == len(boxes)
+    for det, box in zip(decoded, sorted(boxes.tolist())):
+        np.testing.assert_allclose(det[:4], box, atol=1e-3)
+
+
+def test_augment_maps_boxes_with_the_pixels():
+    """A bright square drawn in a case stays under its transformed box after augmentation."""
+    from engines.train.data import RenderedCase, augment
+
+    image = np.full((600, 640), 0.2, np.float16)
+    image[300:340, 400:440] = 0.9
+    box = np.array([[400, 300, 440, 340]], np.float32)
+    case = RenderedCase(image=image, tb=False, tb_boxes=np.zeros((0, 4), np.float32),
+                        nodule_boxes=box, nodule_mm=np.array([12.0], np.float32))
+    rng = np.random.default_rng(5)
+    for kwargs in ({}, {"patch": 256, "focus": 1.0}):
+        for _ in range(5):
+            sample = augment(case, 512, 512, rng, noise=0.0, intensity=0.0, **kwargs)
+            x1, y1, x2, y2 = sample.nodule_boxes[0]
+            unit = sample.tensor[0] * 0.25 + 0.5
+            inner = unit[int(y1) + 2:int(y2) - 2, int(x1) + 2:int(x2) - 2]
+            assert inner.size and inner.mean() > 0.85
+            assert unit.mean() < 0.5
+
+
+def test_roc_auc_and_sensitivity_at_specificity():
+    from benchmarks.model_eval import roc_auc, sensitivity_at_specificity
+
+    pos, neg = [0.9, 0.8, 0.3], [0.1, 0.2, 0.85, 0.5]
+    assert roc_auc(pos, neg) == pytest.approx(9 / 12)            # 9 of 12 pairs ordered
+    sens, threshold = sensitivity_at_specificity(pos, neg, 0.75)  # 3 of 4 negatives <= 0.5
+    assert threshold == 0.5 and sens == pytest.approx(2 / 3)
+    assert roc_auc([1.0], [1.0]) == 0.5
+
+
+def test_froc_counts_hits_duplicates_and_sizes():
+    from benchmarks.model_eval import froc
+
+    truth = np.array([[0, 0, 10, 10], [50, 50, 70, 70]], np.float64)
+    per_image = [
+        # hit small nodule (0.9), duplicate on it (0.8, a false positive), miss large
+        ([(1, 1, 9, 9, 0.9), (2, 2, 8, 8, 0.8)], truth, [5.0, 12.0]),
+        # clean image with one false positive at 0.7, and one at 0.2
+        ([(100, 100, 110, 110, 0.7), (0, 0, 5, 5, 0.2)], np.zeros((0, 4)), []),
+        # large nodule found at 0.6
+        ([(55, 55, 65, 65, 0.6)], truth[1:], [20.0]),
+    ]
+    result = froc(per_image, fp_rates=(0.5, 0.7))
+    assert result["counts"] == {"all": 3, "small": 1, "large": 2, "images": 3}
+    # <= 1.5 FP allowed: threshold 0.8 (1 FP) -> small found only
+    assert result["small"]["0.5"] == 1.0 and result["large"]["0.5"] == 0.0
+    # <= 2.1 FP allowed: down to 0.6 (2 FP) -> 2 of 3 found; 0.2 would be the 3rd FP
+    assert result["all"]["0.7"] == pytest.approx(2 / 3) and result["thresholds"]["0.7"] == 0.6
+    assert result["large"]["0.7"] == 0.5

@@ -16,7 +16,7 @@ import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +42,6 @@ class RenderedCase:
     nodule_boxes: np.ndarray          # [M, 4] float32 nodule boxes
     nodule_mm: np.ndarray             # [M] float32 nodule diameters in mm
     seed: int = 0
-    tb_kinds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +83,6 @@ def render_case(seed: int, size: int) -> RenderedCase:
         nodule_boxes=_boxes(case.nodules),
         nodule_mm=np.asarray([n["diameter_mm"] for n in case.nodules], np.float32),
         seed=seed,
-        tb_kinds=[str(p.get("kind", "")) for p in case.tb_patterns],
     )
 
 
