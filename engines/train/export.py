@@ -171,16 +171,22 @@ MANIFESTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def write_manifest_for(name: str, folder: Path, *, size: int | None = None) -> Path:
+def write_manifest_for(name: str, folder: Path, *, size: int | None = None,
+                       output: dict[str, Any] | None = None) -> Path:
     """Write the manifest of model ``name`` with the sha256 of ``folder/model.onnx``.
 
-    ``size`` overrides the square input size (it must match the exported graph).
+    ``size`` overrides the square input size (it must match the exported graph) and
+    ``output`` overrides ``[output]`` values (the calibrated operating point).
     """
     if name not in MANIFESTS:
         raise ValueError(f"name: unknown model {name!r}; expected one of {sorted(MANIFESTS)}")
     sections = copy.deepcopy(MANIFESTS[name])
     if size is not None:
         sections["input"]["height"] = sections["input"]["width"] = int(size)
+    for key, value in (output or {}).items():
+        if key not in sections["output"]:
+            raise ValueError(f"output: unknown [output] key {key!r} for {name}")
+        sections["output"][key] = value
     sections["model"]["sha256"] = sha256_file(Path(folder) / sections["model"]["file"])
     return write_manifest(Path(folder), sections)
 
@@ -225,6 +231,7 @@ def write_card(name: str, folder: Path, *, run: dict[str, Any], training: dict[s
     manifest = copy.deepcopy(MANIFESTS[name])
     inp, out = manifest["input"], manifest["output"]
     inp["height"], inp["width"] = export["input_size"]
+    out.update(export.get("output", {}))
     data = run["data"]
     shapes = ", ".join(f"`{k}` {v}" for k, v in export["shapes"].items())
     eval_text = evaluation_md or ("Not measured in this run. Run `python -m benchmarks.model_eval "
@@ -246,7 +253,7 @@ labelled as demonstration results in every object sent to the PACS.
   polarity scaled 0..1 by its DICOM window, area-resized (stretched) to {inp['height']}x{inp['width']} and
   normalised as (x - {inp['mean']}) / {inp['std']} (`engines.preprocess.to_model_input`).
 - Outputs: {shapes}. See `manifest.toml` and `engines/decode.py`.
-- Default operating point: {', '.join(f'{k} = {v}' for k, v in out.items() if isinstance(v, float))}.
+- Default operating point: {', '.join(f'{k} = {v}' for k, v in out.items() if isinstance(v, float))}{_calibration_note(name)}.
 
 ## Architecture
 {_architecture(name, export['width'])}
@@ -283,6 +290,13 @@ run on a shared 2-core development machine; preprocessing not included).
     path = Path(folder) / "MODEL_CARD.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _calibration_note(name: str) -> str:
+    if name == "nodule_detector":
+        return (" (score_threshold chosen by the training run: the score at <= 0.5 false "
+                "positives per image on the validation phantoms)")
+    return ""
 
 
 def _ort_version() -> str:

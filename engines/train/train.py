@@ -44,12 +44,12 @@ class TrainConfig:
 
     seed: int = 0
     render_size: int = 640        # phantom columns for the training cache
-    train_cases: int = 2000
+    train_cases: int = 3500
     val_cases: int = 96
-    tb_steps: int = 2500
+    tb_steps: int = 1500
     tb_batch: int = 16
     tb_lr: float = 3e-3
-    det_steps: int = 5000
+    det_steps: int = 6000
     det_batch: int = 16
     det_patch: int = 256          # detector trains on windows of the 512 view (fully convolutional)
     det_focus: float = 0.5        # share of windows centred near a nodule
@@ -129,7 +129,7 @@ def centernet_loss(heat_logit: torch.Tensor, size: torch.Tensor, offset_logit: t
     size_l1 = (torch.abs(size - targets["size"]) * mask).sum() / n_mask
     offset_l1 = (torch.abs(torch.sigmoid(offset_logit) - targets["offset"]) * mask).sum() / n_mask
     total = focal + 0.1 * size_l1 + offset_l1
-    return total, {"focal": float(focal), "size": float(size_l1), "offset": float(offset_l1)}
+    return total, {"focal": focal.item(), "size": size_l1.item(), "offset": offset_l1.item()}
 
 
 def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
@@ -178,10 +178,26 @@ def _det_targets(samples: list[tdata.Sample]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([m[key] for m in maps])) for key in maps[0]}
 
 
+def _validate_detector(model: NoduleDetector, samples: list[tdata.Sample],
+                       cases: list[tdata.RenderedCase]) -> dict:
+    """FROC of ``model`` on the (unaugmented) validation samples."""
+    decode_detections, froc = _model_eval().decode_detections, _model_eval().froc
+    model.eval()
+    per_image = []
+    with torch.no_grad():
+        for sample, case in zip(samples, cases):
+            heat, size, offset = model(torch.from_numpy(sample.tensor[None]))
+            outputs = {"nodule_heatmap": heat.numpy(), "nodule_size": size.numpy(),
+                       "nodule_offset": offset.numpy()}
+            per_image.append((decode_detections(outputs, stride=DET_STRIDE, score_threshold=0.05,
+                                                nms_iou=0.3, max_detections=20),
+                              sample.nodule_boxes, list(case.nodule_mm)))
+    return froc(per_image)
+
+
 def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
                    cfg: TrainConfig) -> tuple[NoduleDetector, dict]:
     """Train the nodule detector; returns the model and a training summary."""
-    decode_detections, froc = _model_eval().decode_detections, _model_eval().froc
     rng = np.random.default_rng(cfg.seed + 23)
     torch.manual_seed(cfg.seed + 23)
     model = NoduleDetector(width=cfg.det_width)
@@ -206,25 +222,20 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
         if (step + 1) % max(1, cfg.det_steps // 10) == 0 or step + 1 == cfg.det_steps:
-            model.eval()
-            per_image = []
-            with torch.no_grad():
-                for s in val_samples:
-                    h, sz, off = model(torch.from_numpy(s.tensor[None]))
-                    outs = {"nodule_heatmap": h.numpy(), "nodule_size": sz.numpy(),
-                            "nodule_offset": off.numpy()}
-                    per_image.append((decode_detections(outs, stride=DET_STRIDE, score_threshold=0.05,
-                                                        nms_iou=0.3, max_detections=20),
-                                      s.nodule_boxes, [10.0] * len(s.nodule_boxes)))
-            result = froc(per_image)
+            result = _validate_detector(model, val_samples, val)
             history.append({"step": step + 1, "loss": round(loss.item(), 4),
                             **{k: round(v, 4) for k, v in parts.items()},
                             "val_sens_at_1fp": round(result["all"]["1"], 3)})
             logger.info("det step %d/%d loss %.4f %s val sens@1FP %.3f (%.0f s)", step + 1,
                         cfg.det_steps, loss.item(), {k: round(v, 3) for k, v in parts.items()},
                         result["all"]["1"], time.monotonic() - start)
-    model.eval()
-    return model, {"steps": cfg.det_steps, "batch": cfg.det_batch,
+    if not history:
+        result = _validate_detector(model, val_samples, val)
+    # default operating point: the score at <= 0.5 false positives per image on validation
+    threshold = round(float(np.clip(result["thresholds"]["0.5"], 0.2, 0.6)), 2)
+    logger.info("detector score threshold %.2f (validation: %s)", threshold,
+                {k: result[k] for k in ("all", "small", "large", "thresholds")})
+    return model, {"steps": cfg.det_steps, "batch": cfg.det_batch, "score_threshold": threshold,
                    "seconds": round(time.monotonic() - start), "history": history}
 
 
@@ -298,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         info["width"] = cfg.tb_width if name == "tb_classifier" else cfg.det_width
         exported[name] = info
         info["input_size"] = [size, size]
-        write_manifest_for(name, folder, size=size)
+        info["output"] = ({"score_threshold": summary["score_threshold"]}
+                          if "score_threshold" in summary else {})
+        write_manifest_for(name, folder, size=size, output=info["output"])
         logger.info("%s: %d parameters, ORT CPU median %.1f ms", name, info["parameters"], info["latency_ms"])
 
     evaluation, evaluation_md = None, None
