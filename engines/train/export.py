@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import hashlib
+import inspect
 import io
 import logging
 from pathlib import Path
@@ -65,9 +66,12 @@ def export_onnx(model: nn.Module, path: Path, *, height: int, width: int,
     folded = fold_batchnorm(model)
     example = torch.zeros(1, 1, height, width)
     buffer = io.BytesIO()
+    options: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        options["dynamo"] = False        # the TorchScript exporter: no onnxscript needed
     torch.onnx.export(folded, (example,), buffer, input_names=[input_name],
-                      output_names=output_names, opset_version=OPSET, dynamo=False,
-                      do_constant_folding=True)
+                      output_names=output_names, opset_version=OPSET,
+                      do_constant_folding=True, **options)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name = "xray-edge engines.train"
     onnx.checker.check_model(proto, full_check=True)

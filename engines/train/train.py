@@ -307,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         info["latency_ms"] = round(ort_latency_ms(folder / "model.onnx", threads=cfg.threads), 2)
         info["parameters"] = count_parameters(model)
         info["width"] = cfg.tb_width if name == "tb_classifier" else cfg.det_width
-        exported[name] = info
         info["input_size"] = [size, size]
         info["output"] = ({"score_threshold": summary["score_threshold"]}
                           if "score_threshold" in summary else {})
         write_manifest_for(name, folder, size=size, output=info["output"])
+        exported[name] = info
         logger.info("%s: %d parameters, ORT CPU median %.1f ms", name, info["parameters"], info["latency_ms"])
 
     evaluation, evaluation_md = None, None
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "threads": cfg.threads}
     for name, (_, _, _, summary) in specs.items():
         write_card(name, out / name, run=run, training=summary, export=exported[name],
-                         evaluation_md=evaluation_md)
+                   evaluation_md=evaluation_md)
     logger.info("run summary: %s", json.dumps(
         {"run": run, "tb": tb_summary, "det": det_summary, "export": exported, "evaluation": evaluation},
         default=str))
