@@ -276,7 +276,7 @@ def test_gsps_rendered_by_dcmp2pgm(tmp_path, monochrome1):
     assert "Graphic Layer #1 [AI]" in dump
     assert "type=polyline filled=no units=pixel" in dump
     assert "200\\300, 260\\300, 260\\360, 200\\360, 200\\300" in dump
-    assert '"Nodule 0.91 12 mm"' in dump and '"TB score 0.83 - refer"' in dump
+    assert '"Nodule 0.91, 12 mm"' in dump and '"TB score 0.83 - refer"' in dump
     # The box is visible once the activated overlay is drawn over the rendering.
     assert overlay is not None and overlay.shape == image.shape
     composed = np.maximum(image, overlay)

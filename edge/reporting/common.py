@@ -162,7 +162,7 @@ def nodule_label(nodule: Nodule) -> str:
     """Short nodule label for overlays: ``"Nodule 0.91"`` (plus size when known)."""
     text = f"Nodule {nodule.score:.2f}"
     if nodule.diameter_mm is not None:
-        text += f" {nodule.diameter_mm:.0f} mm"
+        text += f", {nodule.diameter_mm:.0f} mm"
     return text
 
 
