@@ -8,7 +8,6 @@ staying quiet on clean images.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
