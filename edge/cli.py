@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="start the appliance, send it sample chest X-rays, keep serving")
     _add_config(p)
-    p.add_argument("--count", type=int, default=4, help="number of sample images (default 4)")
+    from .demo import WORKLIST
+    p.add_argument("--count", type=int, default=len(WORKLIST),
+                   help=f"number of sample images (default {len(WORKLIST)}: the sample worklist once)")
     p.add_argument("--exit-after", type=float, default=None, metavar="SECONDS",
                    help="stop after this many seconds instead of serving until Ctrl-C")
 

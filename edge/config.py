@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,22 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     source: str | None = None   # the file it came from, for messages
 
+    def __post_init__(self) -> None:
+        # Relative paths (the default storage dir is "./edge-data") are resolved once, here,
+        # against the directory the command was started in. Later consumers (Flask's
+        # send_file resolves against the package folder; threads; a changed cwd) then all
+        # see the same absolute path.
+        node, models = self.node, self.models
+        object.__setattr__(self, "storage", replace(self.storage, dir=_absolute(self.storage.dir)))
+        object.__setattr__(self, "models", replace(
+            models, dir=_absolute(models.dir), engine_cache_dir=_absolute(models.engine_cache_dir)))
+        object.__setattr__(self, "node", replace(
+            node, tls_cert=_absolute(node.tls_cert), tls_key=_absolute(node.tls_key),
+            tls_ca=_absolute(node.tls_ca)))
+
     @property
     def storage_dir(self) -> Path:
-        return Path(self.storage.dir).expanduser()
+        return Path(self.storage.dir)
 
     @property
     def journal_path(self) -> Path:
@@ -120,13 +134,13 @@ class Config:
     @property
     def engine_cache_dir(self) -> Path:
         if self.models.engine_cache_dir:
-            return Path(self.models.engine_cache_dir).expanduser()
+            return Path(self.models.engine_cache_dir)
         return self.storage_dir / "engines"
 
     @property
     def models_dir(self) -> Path:
         if self.models.dir:
-            return Path(self.models.dir).expanduser()
+            return Path(self.models.dir)
         from engines import DEFAULT_MODELS_DIR
         return Path(DEFAULT_MODELS_DIR)
 
@@ -136,6 +150,13 @@ class Config:
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} (configured: {known})")
+
+
+def _absolute(path: str | None) -> str | None:
+    """``~`` expanded and made absolute against the current directory (None stays None)."""
+    if not path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 # ---------------------------------------------------------------- validation helpers

@@ -1,50 +1,98 @@
-"""``edge demo``: the appliance on its embedded defaults, fed sample chest X-rays.
+"""``edge demo``: the appliance on its embedded defaults, fed a sample worklist.
 
-Sample images are procedural phantoms (see engines/train/phantom.py), generated on first
-use into ``<storage>/demo-samples``, and sent over the DICOM network like an X-ray machine
+The worklist (``WORKLIST``) is what a district hospital's X-ray room sends in a morning:
+frontal PA images and a portable AP image, which are analysed, and a lateral view and a
+child's image, which triage skips with the reason; names in Vietnamese (ISO_IR 192).
+The images are procedural phantoms (see engines/train/phantom.py), generated on first use
+into ``<storage>/demo-samples``, and sent over the DICOM network like an X-ray machine
 would: with DCMTK's ``storescu`` when it is installed, else with the built-in SCU.
 """
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config
-from .service import Appliance
+from .patient import display_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .service import Appliance
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_PATIENTS = [
-    ("NGUYEN^VAN AN", "045Y", "PA"),
-    ("TRAN^THI BINH", "032Y", "PA"),
-    ("LE^VAN CUONG", "061Y", "AP"),
-    ("PHAM^THI DUNG", "027Y", "PA"),
-    ("HOANG^VAN EM", "052Y", "LL"),     # a lateral view: shows how triage skips it
-    ("VU^THI HOA", "039Y", "PA"),
-]
+@dataclass(frozen=True)
+class SamplePatient:
+    """One entry of the demo's worklist: who, and what the X-ray machine sends."""
+
+    name: str          # DICOM PN, Vietnamese with diacritics (sent as ISO_IR 192, UTF-8)
+    sex: str           # DICOM CS: M or F
+    age: str           # DICOM AS
+    view: str          # ViewPosition: PA, AP or LL (lateral)
+    tb: bool
+    nodules: bool
+
+
+#: A morning's worklist in a district hospital: frontal PA and a portable AP image that are
+#: analysed, a lateral and a child that triage skips with the reason, every name in
+#: Vietnamese with its diacritics.
+WORKLIST: tuple[SamplePatient, ...] = (
+    SamplePatient("NGUYỄN^VĂN AN", "M", "045Y", "PA", tb=True, nodules=True),     # refer, nodules
+    SamplePatient("HOÀNG^VĂN EM", "M", "052Y", "LL", tb=False, nodules=False),    # skipped: lateral
+    SamplePatient("TRẦN^THỊ BÌNH", "F", "032Y", "PA", tb=False, nodules=False),   # no TB signs
+    SamplePatient("VŨ^THỊ HOA", "F", "009Y", "PA", tb=False, nodules=False),      # skipped: a child
+    SamplePatient("PHẠM^THỊ DUNG", "F", "027Y", "PA", tb=False, nodules=True),    # a nodule
+    SamplePatient("LÊ^VĂN CƯỜNG", "M", "061Y", "AP", tb=True, nodules=False),     # portable AP, refer
+)
+SAMPLES_VERSION = "2"   # bump when the worklist changes: samples are cached per version
+
+_LATERAL_VIEW_CODE = ("399173006", "SCT", "left lateral")   # ViewPosition LL
+_VIEW_CODES = {"PA": ("399348003", "SCT", "postero-anterior"),
+               "AP": ("399198009", "SCT", "antero-posterior")}
+
+
+def sample_dataset(index: int, patient: SamplePatient):
+    """The DX image (with file meta) the X-ray machine sends for worklist entry ``index``;
+    the same index gives the same bytes."""
+    from engines.train.phantom import generate_case
+    from engines.train.phantom_dicom import add_file_meta, build_dataset
+
+    case = generate_case(1000 + index, size=2048, tb=patient.tb, nodules=patient.nodules)
+    case.view = "AP" if patient.view == "AP" else "PA"
+    ds = build_dataset(case, patient_name=patient.name, patient_id=f"DEMO{index + 1:04d}",
+                       patient_age=patient.age)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientSex = patient.sex
+    ds.InstitutionName = "Bệnh viện đa khoa huyện (demo)"
+    ds.StudyDescription = "X-quang ngực thẳng (phantom, không phải bệnh nhân)"
+    ds.ViewPosition = patient.view
+    value, scheme, meaning = _VIEW_CODES.get(patient.view, _LATERAL_VIEW_CODE)
+    ds.ViewCodeSequence[0].CodeValue = value
+    ds.ViewCodeSequence[0].CodingSchemeDesignator = scheme
+    ds.ViewCodeSequence[0].CodeMeaning = meaning
+    ds.SeriesDescription = f"Chest {patient.view}"
+    return add_file_meta(ds, case.pixels)
 
 
 def make_samples(out_dir: Path, count: int) -> list[Path]:
-    """Write ``count`` sample chest X-rays (deterministic) and return their paths."""
-    from engines.train.phantom import generate_case, write_dicom
+    """Write ``count`` sample chest X-rays (the worklist, repeated if longer) and return
+    their paths; files already written are reused."""
+    from .storage import write_durably
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir / f"v{SAMPLES_VERSION}"
     paths = []
     for i in range(count):
         path = out_dir / f"sample_{i + 1:02d}.dcm"
         if not path.exists():
-            name, age, view = SAMPLE_PATIENTS[i % len(SAMPLE_PATIENTS)]
-            case = generate_case(1000 + i, size=2048, tb=(i % 2 == 0), nodules=(i % 3 != 1))
-            if view == "AP":
-                case.view = "AP"
-            ds = write_dicom(case, path, patient_name=name, patient_id=f"DEMO{i + 1:04d}",
-                             patient_age=age)
-            if view == "LL":
-                ds.ViewPosition = "LL"
-                ds.save_as(path, enforce_file_format=True)
+            ds = sample_dataset(i, WORKLIST[i % len(WORKLIST)])
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            write_durably(path, buf.getvalue())   # never a half-written sample after Ctrl-C
         paths.append(path)
     return paths
 
@@ -67,11 +115,12 @@ def send_samples(config: Config, port: int, paths: list[Path]) -> None:
             print(f"  {path.name}: {outcome.message}")
 
 
-def print_summary(app: Appliance, uids: list[str]) -> None:
+def print_summary(app: "Appliance", uids: list[str]) -> None:
+    """What happened to each sample, as the technician's page shows it."""
     journal = app.journal
     assert journal is not None
     print()
-    print(f"{'patient':18} {'state':9} {'TB':26} {'nodules':8} results")
+    print(f"{'patient':18} {'state':9} {'result':46} {'nodules':7} results")
     for uid in uids:
         row = journal.find_instance(uid)
         if row is None:
@@ -80,20 +129,25 @@ def print_summary(app: Appliance, uids: list[str]) -> None:
         f = row.findings or {}
         tb = f.get("tb")
         if row.state == "analyzed" and tb:
-            tb_text = (f"REFER for TB testing {tb['score']:.2f}" if tb["positive"]
-                       else f"No TB signs {tb['score']:.2f}")
+            result = (f"REFER for TB testing (score {tb['score']:.2f})" if tb["positive"]
+                      else f"No TB signs (score {tb['score']:.2f})")
             nod = str(len(f.get("nodules", [])))
         else:
-            tb_text, nod = (row.reason or "-")[:26], "-"
-        where = ", ".join(sorted({f"{d.object_type}->{d.destination}:{d.state}"
-                                  for d in journal.deliveries_for(uid)})) or "-"
-        print(f"{row.patient_name[:18]:18} {row.state:9} {tb_text:26} {nod:8} {where}")
+            result, nod = row.reason or "-", "-"
+        per_dest: dict[str, list[str]] = {}
+        for d in journal.deliveries_for(uid):
+            per_dest.setdefault(d.destination, []).append(d.state)
+        where = ", ".join(f"{dest}: {states.count('sent')}/{len(states)} sent"
+                          for dest, states in sorted(per_dest.items())) or "-"
+        print(f"{display_name(row.patient_name)[:18]:18} {row.state:9} {result[:46]:46} {nod:7} {where}")
     if not app.config.destinations:
         print(f"\nresult objects (SR, presentation state, secondary capture) are written to "
-              f"{app.config.results_dir.resolve()}")
+              f"{app.config.results_dir}")
 
 
-def run_demo(config: Config, *, count: int = 4, exit_after: float | None = None) -> int:
+def run_demo(config: Config, *, count: int = len(WORKLIST), exit_after: float | None = None) -> int:
+    from .service import Appliance
+
     app = Appliance(config).start()
     try:
         paths = make_samples(config.storage_dir / "demo-samples", count)
@@ -108,8 +162,8 @@ def run_demo(config: Config, *, count: int = 4, exit_after: float | None = None)
                 break
             time.sleep(0.5)
         print_summary(app, uids)
-        web = f"http://127.0.0.1:{config.web.port}/"
-        print(f"\nstatus page: {web}   DICOM listener: {config.node.ae_title} on port {app.scp.port}")
+        print(f"\nstatus page: {app.web.url}/ (log in with the password printed at the first start)"
+              f"\nDICOM listener: {config.node.ae_title} on port {app.scp.port}")
         if exit_after is not None:
             app._stopping.wait(exit_after)
             app.stop()

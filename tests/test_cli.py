@@ -71,11 +71,16 @@ def test_demo_sends_samples_and_reports_where_results_went(tmp_path):
         "storage": {"dir": str(tmp_path / "data"), "min_free_mb": 0},
         **({"models": {"dir": env["EDGE_TEST_MODELS_DIR"]}} if env.get("EDGE_TEST_MODELS_DIR") else {}),
     })
-    out = _edge("--config", str(cfg), "demo", "--count", "3", "--exit-after", "0.5", cwd=tmp_path, timeout=300)
+    out = _edge("--config", str(cfg), "demo", "--count", "4", "--exit-after", "0.5", cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "NGUYEN^VAN AN" in out.stdout
+    summary = out.stdout[out.stdout.index("patient "):]
+    # the worklist's first four: PA refer, a lateral (skipped), PA negative, a child (skipped)
+    assert "NGUYỄN VĂN AN" in summary and "HOÀNG VĂN EM" in summary
+    assert summary.count(" analyzed ") == 2 and summary.count(" skipped ") == 2, summary
+    assert "lateral view" in summary and "patient under 15 years" in summary
     assert "result objects" in out.stdout
     results = list((tmp_path / "data" / "results").rglob("*.dcm"))
-    analyzed = out.stdout.count("analyzed")
-    assert analyzed >= 2
-    assert len(results) == 3 * analyzed
+    assert len(results) == 3 * 2
+    # the names went over the wire in UTF-8 (ISO_IR 192) and are kept as sent
+    jobs = json.loads(_edge("--config", str(cfg), "jobs", "--json", cwd=tmp_path).stdout)
+    assert {j["patient_name"] for j in jobs} >= {"NGUYỄN^VĂN AN", "VŨ^THỊ HOA"}

@@ -72,3 +72,22 @@ def test_broken_toml_and_missing_file_are_clear(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_relative_paths_are_resolved_once_against_the_start_directory(tmp_path, monkeypatch):
+    """The default storage dir is relative ("./edge-data"): it means the directory the
+    command was started in, whatever later changes the working directory or resolves paths
+    against something else (Flask's send_file resolves against the package folder)."""
+    start = tmp_path / "start"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    cfg = load_config(None)
+    assert cfg.storage_dir == start / "edge-data" and cfg.storage_dir.is_absolute()
+    assert cfg.results_dir == start / "edge-data" / "results"
+    path = write_config(start / "edge.toml", {"storage": {"dir": "data"},
+                                              "models": {"engine_cache_dir": "~/engines"}})
+    from_file = load_config("edge.toml")
+    monkeypatch.chdir(tmp_path)
+    assert from_file.storage_dir == start / "data"
+    assert from_file.engine_cache_dir.is_absolute() and "~" not in str(from_file.engine_cache_dir)
+    assert load_config(path).storage_dir == tmp_path / "data"   # a new start, a new directory

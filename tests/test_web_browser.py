@@ -7,7 +7,12 @@ and ``screenshot()``. Screenshots go to ``test-artifacts/`` (gitignored).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,10 +83,10 @@ class StatusPage:
         raise AssertionError(f"card did not show {flag!r} for the new instance within {timeout_s} s;"
                              f" it shows {self.latest()}")
 
-    def screenshot(self, name: str) -> Path:
+    def screenshot(self, name: str, full_page: bool = False) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / name
-        self.page.screenshot(path=str(path), full_page=False)
+        self.page.screenshot(path=str(path), full_page=full_page)
         return path
 
 
@@ -149,3 +154,92 @@ def test_status_page_live_update_and_vietnamese(live_app, tmp_path):
         assert {d.state for d in journal.deliveries_for(uid)} == {"pending"}
         browser.screenshot("instance-detail-vi.png")
         assert not browser.console_errors, browser.console_errors
+
+
+EDGE_SCRIPT = Path(sys.executable).parent / "edge"   # the console script `make demo` runs
+ALL_IMAGES_LOADED = """() => { const imgs = Array.from(document.querySelectorAll('img'));
+    return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }"""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers do
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+def test_make_demo_on_builtin_defaults_shows_every_image(tmp_path):
+    """`make demo` exactly as a new user runs it: the `edge demo` console script in a fresh
+    directory, no config file, the relative default storage dir ./edge-data and the default
+    ports; then the printed password in a real browser. Every image on the status page and
+    on each detail page must load, and the worklist shows analysed and skipped images with
+    Vietnamese names."""
+    assert EDGE_SCRIPT.exists(), f"{EDGE_SCRIPT} missing: install the project (make install)"
+    for port in (8080, 11112):
+        assert _port_free(port), f"port {port} is in use: this test runs `edge demo` on its default ports"
+    workdir = tmp_path / "new-user"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    log = open(tmp_path / "demo.log", "w+")
+    proc = subprocess.Popen([str(EDGE_SCRIPT), "demo", "--exit-after", "120"], cwd=workdir,
+                            stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        def output() -> str:
+            log.flush()
+            return (tmp_path / "demo.log").read_text()
+        deadline = time.monotonic() + 240
+        while "status page:" not in output():
+            assert proc.poll() is None, f"edge demo exited early:\n{output()[-3000:]}"
+            assert time.monotonic() < deadline, f"edge demo did not finish its worklist:\n{output()[-3000:]}"
+            time.sleep(0.5)
+        text = output()
+        match = re.search(r"Status page password \(shown only once, keep it\): (\S+)", text)
+        assert match, text[-3000:]
+        summary = text[text.index("patient "):]
+        for name, state in (("NGUYỄN VĂN AN", "analyzed"), ("TRẦN THỊ BÌNH", "analyzed"),
+                            ("LÊ VĂN CƯỜNG", "analyzed"), ("HOÀNG VĂN EM", "skipped"),
+                            ("VŨ THỊ HOA", "skipped")):
+            assert re.search(rf"{name}\s+{state}", summary), summary
+        assert "lateral view" in summary and "under 15 years" in summary
+        assert (workdir / "edge-data" / "journal.sqlite3").exists()   # relative to where it ran
+        assert list((workdir / "edge-data" / "results").rglob("*.dcm"))
+
+        with StatusPage("http://127.0.0.1:8080", match.group(1), tmp_path / "profile") as browser:
+            browser.login()
+            browser.page.wait_for_function(ALL_IMAGES_LOADED, timeout=15_000)
+            board = browser.page.inner_text("main")
+            for expected in ("NGUYỄN VĂN AN", "TRẦN THỊ BÌNH", "LÊ VĂN CƯỜNG", "PHẠM THỊ DUNG",
+                             "HOÀNG VĂN EM", "VŨ THỊ HOA", "lateral view",
+                             "patient below the minimum age", "REFER for TB testing"):
+                assert expected in board, f"{expected!r} not on the status page"
+            browser.screenshot("demo-defaults-status-page.png", full_page=True)
+            links = browser.page.eval_on_selector_all(
+                "#recent tbody a", "els => els.map(e => e.getAttribute('href'))")
+            assert len(links) == 6, links
+            for number, href in enumerate(links, 1):
+                browser.page.goto("http://127.0.0.1:8080" + href)
+                browser.page.wait_for_function(ALL_IMAGES_LOADED, timeout=15_000)
+                if number in (1, 3):
+                    browser.screenshot(f"demo-defaults-detail-{number}.png")
+            browser.page.goto("http://127.0.0.1:8080/")
+            browser.page.click("#lang-vi")
+            browser.page.wait_for_function(ALL_IMAGES_LOADED, timeout=15_000)
+            assert "phim chụp nghiêng" in browser.page.inner_text("main")
+            browser.screenshot("demo-defaults-status-page-vi.png", full_page=True)
+            assert not browser.console_errors, browser.console_errors
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        text = (tmp_path / "demo.log").read_text()
+        log.close()
+    assert proc.returncode in (0, 130), text[-3000:]
+    assert "Traceback" not in text and "Bad file descriptor" not in text, text[-3000:]

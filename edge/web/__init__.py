@@ -151,13 +151,20 @@ class WebServer:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close open connections, and end the worker threads."""
+        """Stop accepting, close open connections, and end the worker threads.
+
+        The sockets are closed by the server's own loop thread (through waitress' trigger):
+        closing them from this thread while the loop sits in select() on them makes it fail
+        with EBADF.
+        """
         from waitress import wasyncore
 
         server = self._server
-        server.close()
+        if self._thread.is_alive():
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        else:
+            wasyncore.close_all(server._map)
         server.task_dispatcher.shutdown(timeout=timeout)
-        wasyncore.close_all(server._map)   # open keep-alive channels; the loop ends when empty
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("web server thread did not stop within %.0f s", timeout)

@@ -7,6 +7,7 @@ from flask import url_for
 
 from edge.journal import DeliveryRow, InstanceRow
 from edge.metrics import skip_reason_category
+from edge.patient import display_name
 
 from .images import image_version
 
@@ -30,12 +31,6 @@ def tb_result(row: InstanceRow) -> str:
     if not tb:
         return "no_tb_result"
     return "refer" if tb.get("positive") else "no_signs"
-
-
-def display_name(dicom_name: str) -> str:
-    """DICOM PN ``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX`` as people write it."""
-    parts = [p.strip() for p in (dicom_name or "").split("=")[0].split("^")]
-    return " ".join(p for p in parts if p)
 
 
 def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool = False) -> dict[str, Any]:

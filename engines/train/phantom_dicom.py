@@ -124,6 +124,14 @@ def write_case(case, path, *, patient_name: str = "PHANTOM^CHEST", patient_id: s
     """Write ``case`` to ``path`` (explicit VR little endian unless ``transfer_syntax``)."""
     ds = build_dataset(case, patient_name=patient_name, patient_id=patient_id,
                        patient_age=patient_age, study_instance_uid=study_instance_uid)
+    add_file_meta(ds, case.pixels, transfer_syntax)
+    pydicom.dcmwrite(Path(path), ds, enforce_file_format=True)
+    return ds
+
+
+def add_file_meta(ds: Dataset, pixels: np.ndarray, transfer_syntax: str | None = None) -> Dataset:
+    """Give ``ds`` its file meta information, compressing ``pixels`` for a lossless
+    ``transfer_syntax`` (default explicit VR little endian); returns ``ds``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -137,11 +145,10 @@ def write_case(case, path, *, patient_name: str = "PHANTOM^CHEST", patient_id: s
             raise ValueError(f"transfer_syntax {transfer_syntax!r} is not a lossless transfer syntax UID "
                              f"this writer knows ({', '.join(sorted(_UNCOMPRESSED | _LOSSLESS))})")
         try:
-            ds.compress(uid, case.pixels)
+            ds.compress(uid, pixels)
         except (NotImplementedError, RuntimeError) as exc:
             raise ValueError(f"transfer_syntax {transfer_syntax!r} cannot be encoded here ({exc}); "
                              "use RLE, JPEG 2000 lossless or JPEG-LS lossless") from exc
     elif transfer_syntax:
         meta.TransferSyntaxUID = transfer_syntax
-    pydicom.dcmwrite(Path(path), ds, enforce_file_format=True)
     return ds
