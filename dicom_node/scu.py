@@ -6,11 +6,13 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from .sop import RESULT_STORAGE, VERIFICATION
 
@@ -18,6 +20,31 @@ logger = logging.getLogger(__name__)
 
 #: Warning statuses that still mean the PACS holds the object (coercion, elements discarded).
 DELIVERED_WARNINGS = (0xB000, 0xB006, 0xB007)
+
+
+class _DropReportedFailures(logging.Filter):
+    """pynetdicom logs each failed association attempt at ERROR (a TLS failure with a
+    traceback). Each becomes a ``SendOutcome`` message, which the outbox logs once per
+    change of a destination's state; these lines would repeat at every retry. The messages
+    below are logged only on the requesting side in pynetdicom 3.0 (transport.connect,
+    acse._negotiate_as_requestor), so the listener's logs are untouched."""
+    _MESSAGES = (
+        "Association request failed: unable to connect to remote",
+        "TCP Initialisation Error: ",
+        "Association Rejected", "Result: ", "Reason: ",
+        "ACSE timeout reached while waiting for response to association request",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR:
+            return True
+        if isinstance(record.msg, ssl.SSLError):    # LOGGER.exception(exc) after a TLS failure
+            return False
+        return not str(record.msg).startswith(self._MESSAGES)
+
+
+for _name in ("pynetdicom.transport", "pynetdicom.acse"):
+    logging.getLogger(_name).addFilter(_DropReportedFailures())
 
 
 @dataclass(frozen=True)
@@ -28,6 +55,7 @@ class Peer:
     calling_ae_title: str = "EDGE_AI"
     ssl_context: ssl.SSLContext | None = None
     timeout_s: float = 30.0
+    tls_server_name: str | None = None   # name the peer's certificate must carry (None: host)
 
 
 @dataclass(frozen=True)
@@ -38,10 +66,40 @@ class SendOutcome:
     message: str
 
 
+class _TLSSocket(ssl.SSLSocket):
+    """Keeps the reason of a failed handshake on its context: pynetdicom logs it but reports
+    only an aborted association, and the delivery error must say what was wrong."""
+
+    def do_handshake(self, *args, **kwargs):
+        try:
+            return super().do_handshake(*args, **kwargs)
+        except ssl.SSLError as exc:
+            self.context.handshake_error = exc
+            raise
+
+
+class ClientTLSContext(ssl.SSLContext):
+    """A client SSLContext that remembers why its last handshake failed."""
+    handshake_error: ssl.SSLError | None = None
+    sslsocket_class = _TLSSocket
+
+
 def make_client_ssl_context(ca: str | None = None, cert: str | None = None,
-                            key: str | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    ctx.check_hostname = False
+                            key: str | None = None, *, verify: bool = True) -> ClientTLSContext:
+    """TLS to a PACS: its certificate must chain to ``ca`` and carry the name we connect to
+    (``Peer.tls_server_name`` or the host; an IP address must be in an IP SAN). Only ``ca``
+    is trusted, not the system's public CAs. ``verify=False`` checks neither (an explicit,
+    logged opt-out). ``cert``/``key``: the box's own certificate, presented when set."""
+    ctx = ClientTLSContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED and check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if verify:
+        if not ca:
+            raise ValueError("ca: a CA certificate file is needed to verify the PACS certificate "
+                             "(or pass verify=False to skip the check)")
+        ctx.load_verify_locations(cafile=ca)
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     if cert and key:
         ctx.load_cert_chain(certfile=cert, keyfile=key)
     return ctx
@@ -57,7 +115,11 @@ def _ae(peer: Peer) -> AE:
 
 
 def _associate(ae: AE, peer: Peer):
-    tls = (peer.ssl_context, "") if peer.ssl_context else None
+    tls = None
+    if peer.ssl_context is not None:
+        tls = (peer.ssl_context, peer.tls_server_name or peer.host)
+        if isinstance(peer.ssl_context, ClientTLSContext):
+            peer.ssl_context.handshake_error = None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
     if assoc.is_established:
         set_nodelay(assoc)
@@ -100,12 +162,29 @@ def _why_no_association(assoc, peer: Peer) -> str:
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:
         return f"association rejected by {where} (check AE titles)"
+    tls_error = getattr(peer.ssl_context, "handshake_error", None)
+    if tls_error is not None:
+        return f"TLS handshake with {where} failed: {_describe_tls_error(tls_error, peer)}"
     # pynetdicom reports a refused or timed-out TCP connection as an abort as well
     return f"cannot connect to {where} (connection refused, timed out or aborted)"
 
 
-def send_files(peer: Peer, paths: list[str | Path]) -> list[SendOutcome]:
-    """C-STORE each file over one association; one outcome per file, in order."""
+def _describe_tls_error(exc: ssl.SSLError, peer: Peer) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        name = peer.tls_server_name or peer.host
+        return (f"the PACS certificate was not accepted ({exc.verify_message}); check the CA "
+                f"that signed it and that it is issued for {name!r}")
+    return exc.reason or str(exc)
+
+
+def send_files(peer: Peer, paths: list[str | Path], *,
+               on_outcome: Callable[[int, SendOutcome], None] | None = None) -> list[SendOutcome]:
+    """C-STORE each file over one association; one outcome per file, in order.
+
+    ``on_outcome(index, outcome)`` is called as soon as each file's answer is known, so the
+    caller can record it before the next file goes out (a crash then leaves at most one
+    object whose fate is unknown).
+    """
     datasets = [dcmread(str(p)) for p in paths]
     ae = _ae(peer)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets} | set(RESULT_STORAGE)):
@@ -116,8 +195,10 @@ def send_files(peer: Peer, paths: list[str | Path]) -> list[SendOutcome]:
         return [SendOutcome(False, None, why) for _ in datasets]
     outcomes: list[SendOutcome] = []
     try:
-        for ds in datasets:
+        for index, ds in enumerate(datasets):
             outcomes.append(_store_one(assoc, ds))
+            if on_outcome is not None:
+                on_outcome(index, outcomes[-1])
             if not assoc.is_established:
                 break
     finally:
@@ -126,6 +207,44 @@ def send_files(peer: Peer, paths: list[str | Path]) -> list[SendOutcome]:
     while len(outcomes) < len(datasets):
         outcomes.append(SendOutcome(False, None, "association lost before sending"))
     return outcomes
+
+
+def instance_present(peer: Peer, study_uid: str, series_uid: str, sop_instance_uid: str) -> bool | None:
+    """Whether the peer holds this instance, by a Study Root C-FIND at IMAGE level.
+
+    True or False when the peer answered; None when it cannot tell (no association, no
+    query/retrieve support, a failure status): the caller then has to assume nothing.
+    """
+    ae = _ae(peer)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(ae, peer)
+    if not assoc.is_established:
+        return None
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    query.SOPInstanceUID = sop_instance_uid
+    found, answered = False, False
+    try:
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if not status or "Status" not in status:
+                return None
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                found = found or (identifier is not None
+                                  and str(identifier.get("SOPInstanceUID", "")) == sop_instance_uid)
+            elif code == 0x0000:
+                answered = True
+            else:
+                return None
+    except Exception:  # noqa: BLE001 - no answer is "cannot tell"
+        logger.debug("C-FIND to %s failed", peer.ae_title, exc_info=True)
+        return None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return found if answered else None
 
 
 def _store_one(assoc, ds: Dataset) -> SendOutcome:

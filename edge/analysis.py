@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -55,10 +55,14 @@ class Analyzer:
     ``models`` holds at most one classification (TB) and one detection (nodule) model.
     ``tb_threshold`` overrides the TB model's manifest threshold. ``decode_min_side``
     overrides how far images are decoded (default: the largest model input side).
+    ``decoder`` decodes the pixels of a stored file, ``decoder(path, min_side=...)``: the
+    service passes an ``edge.decoder.IsolatedDecoder`` so that a crashing codec cannot take
+    it down; by default the pixels are decoded in this process.
     """
 
     def __init__(self, models: Mapping[str, LoadedModel], *, tb_threshold: float | None = None,
-                 triage_rules: TriageRules = TriageRules(), decode_min_side: int | None = None) -> None:
+                 triage_rules: TriageRules = TriageRules(), decode_min_side: int | None = None,
+                 decoder: Callable[..., ImageForModels] | None = None) -> None:
         if not models:
             raise ValueError("models: no models loaded; at least one model is needed")
         if tb_threshold is not None and not 0.0 <= float(tb_threshold) <= 1.0:
@@ -82,6 +86,7 @@ class Analyzer:
         sides = [max(m.manifest.input.height, m.manifest.input.width) for m in self.models.values()]
         self.decode_min_side = int(decode_min_side) if decode_min_side else max(sides)
         self._locks = {name: threading.Lock() for name in self.models}
+        self.decoder = decoder
 
     @property
     def model_infos(self) -> list[ModelInfo]:
@@ -91,7 +96,10 @@ class Analyzer:
     def prepare(self, path_or_ds: str | Path | Dataset) -> Prepared:
         """Triage, decode and preprocess; raises ImagingError for unreadable files or pixels."""
         start = time.perf_counter()
-        ds = read_dataset(path_or_ds)
+        isolated = self.decoder is not None and not isinstance(path_or_ds, Dataset)
+        # With an isolated decoder this process reads only the metadata; the decoder
+        # process reads the pixels.
+        ds = read_dataset(path_or_ds, pixels=not isolated)
         read_ms = (time.perf_counter() - start) * 1000.0
         uid = str(ds.get("SOPInstanceUID", "") or "")
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -105,7 +113,12 @@ class Analyzer:
                 timings_ms={"read": round(read_ms, 2), "total": round(total, 2)})
             prepared.timings_ms = {"read": read_ms, "prepare": total}
             return prepared
-        image = load_for_models(ds, min_side=self.decode_min_side)
+        if isolated:
+            t_dec = time.perf_counter()
+            image = self.decoder(path_or_ds, min_side=self.decode_min_side)
+            image.decode_ms = (time.perf_counter() - t_dec) * 1000.0   # with the hand-over
+        else:
+            image = load_for_models(ds, min_side=self.decode_min_side)
         t_pre = time.perf_counter()
         by_geometry: dict[tuple[int, int, float, float], np.ndarray] = {}
         for name, model in self.models.items():

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--state", choices=("received", "analyzing", "analyzed", "skipped", "failed"))
 
+    p = sub.add_parser("journal", help="check the journal, or rebuild it from the stored images")
+    _add_config(p)
+    p.add_argument("action", choices=("check", "rebuild"),
+                   help="check: integrity and what the spool holds that the journal lacks; "
+                        "rebuild: replace a damaged journal and recover every stored image it lacks")
+
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     _add_config(p)
     p.add_argument("destination", help="destination name from the config")
@@ -157,6 +163,44 @@ def cmd_jobs(ns, config: Config) -> int:
     return 0
 
 
+def cmd_journal(ns, config: Config) -> int:
+    from .journal import check_integrity
+    from .recovery import RecoveryReport, open_journal, recover_spool
+
+    path = config.journal_path
+    if ns.action == "check":
+        spool_files = sum(1 for _ in (config.storage_dir / "spool").glob("*/*.dcm"))
+        if not path.exists():
+            print(f"no journal at {path}; {spool_files} stored image file(s) in the spool"
+                  + ("; run `edge journal rebuild` to recover them" if spool_files else ""))
+            return 1 if spool_files else 0
+        if not check_integrity(path):
+            print(f"{path}: DAMAGED (SQLite integrity check failed); run `edge journal rebuild`")
+            return 1
+        journal = open_journal(path)
+        try:
+            counts = journal.count_instances_by_state()
+            unknown = spool_files - len({p for p in journal.known_paths() if p.startswith("spool/")})
+        finally:
+            journal.close()
+        print(f"{path}: ok; " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+        if unknown > 0:
+            print(f"{unknown} stored image file(s) are not in the journal; run `edge journal rebuild`")
+            return 1
+        return 0
+    report = RecoveryReport()
+    config.storage_dir.mkdir(parents=True, exist_ok=True)
+    journal = open_journal(path, report)
+    try:
+        recover_spool(journal, config.storage_dir, report)
+    finally:
+        journal.close()
+    print(report.summary() or "nothing to recover: the journal knows every stored image")
+    for rel in report.unreadable:
+        print(f"  not readable as DICOM, left in place: {rel}")
+    return 0
+
+
 def cmd_echo(ns, config: Config) -> int:
     from dicom_node.scu import echo
 
@@ -186,6 +230,7 @@ _COMMANDS = {
     "demo": cmd_demo,
     "analyze": cmd_analyze,
     "jobs": cmd_jobs,
+    "journal": cmd_journal,
     "echo": cmd_echo,
     "engines": cmd_engines,
 }

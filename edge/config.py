@@ -27,6 +27,8 @@ OUTPUT_TYPES = ("sr", "gsps", "sc")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")   # default character repertoire, no backslash
+# werkzeug.security hashes: "method[:params]$salt$hash"
+_PASSWORD_HASH_RE = re.compile(r"(scrypt|pbkdf2)(:[a-z0-9:]+)?\$[^$\s]+\$[0-9a-f]+")
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,10 @@ class NodeConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     require_called_aet: bool = True
     max_associations: int = 8
+    max_associations_per_peer: int = 4      # per remote address: one sender cannot take every slot
+    association_request_timeout_s: float = 10.0   # TCP connect -> complete A-ASSOCIATE-RQ
+    pdu_timeout_s: float = 60.0             # most time between two complete PDUs from a peer
+    max_instance_mb: int = 512              # larger instances are refused at the door
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -59,6 +65,25 @@ class WebConfig:
     password_hash: str | None = None
     metrics_token: str | None = None
     language: str = "auto"
+    session_hours: float = 12.0          # a login lasts this long; logout ends it at once
+    tls_cert: str | None = None          # both set: the status page is served over HTTPS
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """This box, as named in every object it creates (General Equipment, Device Observer)."""
+    serial_number: str | None = None     # None: derived from /etc/machine-id (stable per box)
+    station_name: str | None = None      # None: the host name (up to 16 characters)
+    institution_name: str | None = None
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Limits on analysing one image (the pixel decoder runs in a separate process)."""
+    decode_timeout_s: float = 30.0       # a decoder that hangs longer is killed: image failed
+    decode_memory_mb: int = 4096         # address-space limit of the decoder process
+    stalled_after_s: float = 600.0       # health fails when an image waits longer than this
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,9 @@ class Destination:
     outputs: tuple[str, ...] = OUTPUT_TYPES
     calling_ae_title: str | None = None   # None: node.ae_title
     tls: bool = False
+    tls_ca: str | None = None             # CA bundle that signed the PACS certificate (None: node.tls_ca)
+    tls_server_name: str | None = None    # name the PACS certificate must carry (None: host)
+    tls_verify: bool = True               # False: no certificate check (logged loudly at start)
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     web: WebConfig = field(default_factory=WebConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     triage: TriageRules = field(default_factory=TriageRules)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -118,6 +148,10 @@ class Config:
         object.__setattr__(self, "node", replace(
             node, tls_cert=_absolute(node.tls_cert), tls_key=_absolute(node.tls_key),
             tls_ca=_absolute(node.tls_ca)))
+        object.__setattr__(self, "web", replace(
+            self.web, tls_cert=_absolute(self.web.tls_cert), tls_key=_absolute(self.web.tls_key)))
+        object.__setattr__(self, "destinations", tuple(
+            replace(d, tls_ca=_absolute(d.tls_ca)) for d in self.destinations))
 
     @property
     def storage_dir(self) -> Path:
@@ -235,6 +269,13 @@ def _opt_path(key: str, value: Any) -> str | None:
     return value
 
 
+def _existing_file(key: str, value: Any) -> str | None:
+    path = _opt_path(key, value)
+    if path and not Path(path).expanduser().is_file():
+        raise ConfigError(f"{key}: file {path!r} does not exist")
+    return path
+
+
 def _reject_unknown(section: str, data: dict, cls) -> None:
     known = {f.name for f in fields(cls)}
     for k in data:
@@ -260,16 +301,24 @@ def _node(d: dict) -> NodeConfig:
         kw["require_called_aet"] = _check_type("node.require_called_aet", d["require_called_aet"], bool, "true or false")
     if "max_associations" in d:
         kw["max_associations"] = _int_range("node.max_associations", d["max_associations"], 1, 64)
+    if "max_associations_per_peer" in d:
+        kw["max_associations_per_peer"] = _int_range(
+            "node.max_associations_per_peer", d["max_associations_per_peer"], 1, 64)
+    for k in ("association_request_timeout_s", "pdu_timeout_s"):
+        if k in d:
+            kw[k] = _float_range(f"node.{k}", d[k], 0.0, 3600.0, open_lo=True)
+    if "max_instance_mb" in d:
+        kw["max_instance_mb"] = _int_range("node.max_instance_mb", d["max_instance_mb"], 1, 65536)
     for k in ("tls_cert", "tls_key", "tls_ca"):
         if k in d:
-            kw[k] = _opt_path(f"node.{k}", d[k])
-            if kw[k] and not Path(kw[k]).expanduser().is_file():
-                raise ConfigError(f"node.{k}: file {kw[k]!r} does not exist")
+            kw[k] = _existing_file(f"node.{k}", d[k])
     out = NodeConfig(**{**v.__dict__, **kw})
     if bool(out.tls_cert) != bool(out.tls_key):
         raise ConfigError("node.tls_cert and node.tls_key: set both for DICOM TLS, or neither")
     if out.tls_ca and not out.tls_cert:
         raise ConfigError("node.tls_ca: needs node.tls_cert and node.tls_key as well")
+    if out.max_associations_per_peer > out.max_associations:
+        raise ConfigError("node.max_associations_per_peer: must not be larger than node.max_associations")
     return out
 
 
@@ -296,9 +345,45 @@ def _web(d: dict) -> WebConfig:
     for k in ("password_hash", "metrics_token"):
         if k in d:
             kw[k] = _check_type(f"web.{k}", d[k], str, "a string") or None
+    if kw.get("password_hash") and not _PASSWORD_HASH_RE.fullmatch(kw["password_hash"]):
+        raise ConfigError("web.password_hash: not a password hash (expected 'scrypt:...' or "
+                          "'pbkdf2:...'); a plain password must not be stored in the config. "
+                          "Make one with: python -c \"from werkzeug.security import "
+                          "generate_password_hash as h; print(h(input('password: ')))\"")
     if "language" in d:
         kw["language"] = _choice("web.language", d["language"], ("auto", "en", "vi"))
+    if "session_hours" in d:
+        kw["session_hours"] = _float_range("web.session_hours", d["session_hours"], 0.0, 24.0 * 30, open_lo=True)
+    for k in ("tls_cert", "tls_key"):
+        if k in d:
+            kw[k] = _existing_file(f"web.{k}", d[k])
+    if bool(kw.get("tls_cert")) != bool(kw.get("tls_key")):
+        raise ConfigError("web.tls_cert and web.tls_key: set both to serve the status page over HTTPS, or neither")
     return WebConfig(**kw)
+
+
+def _identity(d: dict) -> IdentityConfig:
+    _reject_unknown("identity", d, IdentityConfig)
+    kw: dict[str, Any] = {}
+    for k, limit in (("serial_number", 64), ("station_name", 16), ("institution_name", 64)):
+        if k in d:
+            value = _check_type(f"identity.{k}", d[k], str, "a string").strip()
+            if not value or len(value) > limit or "\\" in value or any(ord(c) < 32 for c in value):
+                raise ConfigError(f"identity.{k}: {value!r} must be 1-{limit} characters, "
+                                  "without backslashes or control characters")
+            kw[k] = value
+    return IdentityConfig(**kw)
+
+
+def _analysis(d: dict) -> AnalysisConfig:
+    _reject_unknown("analysis", d, AnalysisConfig)
+    kw: dict[str, Any] = {}
+    for k in ("decode_timeout_s", "stalled_after_s"):
+        if k in d:
+            kw[k] = _float_range(f"analysis.{k}", d[k], 0.0, 86400.0, open_lo=True)
+    if "decode_memory_mb" in d:
+        kw["decode_memory_mb"] = _int_range("analysis.decode_memory_mb", d["decode_memory_mb"], 256)
+    return AnalysisConfig(**kw)
 
 
 def _models(d: dict) -> ModelsConfig:
@@ -385,6 +470,16 @@ def _destinations(items: Any, node: NodeConfig) -> tuple[Destination, ...]:
             outputs = _str_list(f"{key}.outputs", d["outputs"], lambda k, v: _choice(k, v, OUTPUT_TYPES))
             if not outputs:
                 raise ConfigError(f"{key}.outputs: empty; choose some of: {', '.join(OUTPUT_TYPES)}")
+        tls = _check_type(f"{key}.tls", d.get("tls", False), bool, "true or false")
+        tls_verify = _check_type(f"{key}.tls_verify", d.get("tls_verify", True), bool, "true or false")
+        tls_ca = _existing_file(f"{key}.tls_ca", d.get("tls_ca"))
+        if tls and tls_verify and not (tls_ca or node.tls_ca):
+            raise ConfigError(f"{key}.tls_ca: DICOM TLS to {name!r} needs the CA that signed the "
+                              f"PACS certificate ({key}.tls_ca or node.tls_ca), so that the box "
+                              f"checks whom it sends patient data to; or set {key}.tls_verify = false")
+        server_name = d.get("tls_server_name")
+        if server_name is not None:
+            server_name = _host(f"{key}.tls_server_name", server_name)
         out.append(Destination(
             name=name,
             ae_title=_ae(f"{key}.ae_title", d["ae_title"]),
@@ -392,12 +487,16 @@ def _destinations(items: Any, node: NodeConfig) -> tuple[Destination, ...]:
             port=_port(f"{key}.port", d["port"]),
             outputs=tuple(dict.fromkeys(outputs)),
             calling_ae_title=_ae(f"{key}.calling_ae_title", d["calling_ae_title"]) if d.get("calling_ae_title") else None,
-            tls=_check_type(f"{key}.tls", d.get("tls", False), bool, "true or false"),
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_server_name=server_name,
+            tls_verify=tls_verify,
         ))
     return tuple(out)
 
 
-_SECTIONS = {"node", "storage", "web", "models", "triage", "delivery", "logging", "destinations"}
+_SECTIONS = {"node", "storage", "web", "models", "analysis", "identity", "triage", "delivery",
+             "logging", "destinations"}
 
 
 def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
@@ -414,6 +513,8 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
         storage=_storage(data.get("storage", {})),
         web=_web(data.get("web", {})),
         models=_models(data.get("models", {})),
+        analysis=_analysis(data.get("analysis", {})),
+        identity=_identity(data.get("identity", {})),
         triage=_triage(data.get("triage", {})),
         delivery=_delivery(data.get("delivery", {})),
         logging=_logging(data.get("logging", {})),
@@ -432,6 +533,13 @@ def load_config(path: str | Path | None) -> Config:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"config file {str(path)!r} cannot be read (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); "
+                          "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     try:

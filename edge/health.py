@@ -116,18 +116,33 @@ def read_platform(thermal_root: Path = _THERMAL_ROOT, gpu_load: Path = _JETSON_G
     return {"source": source, "temperatures": temps, "gpu_utilization_percent": util}
 
 
+#: Problems that mean the box is not doing its job: /healthz answers 503 and the systemd
+#: watchdog is not petted (so systemd restarts the service). Others (a PACS unreachable,
+#: a full results disk) are shown and alerted on, but a restart would not fix them.
+CRITICAL_PROBLEMS = ("listener_down", "worker_dead", "analysis_stalled", "journal_unreadable",
+                     "journal_integrity", "health_check_failed")
+
+
+def is_critical(problem: str) -> bool:
+    return problem.split(":", 1)[0] in CRITICAL_PROBLEMS
+
+
 class HealthMonitor:
     """Cached health of the box: listener, destinations, queues, disk, models, platform."""
 
     def __init__(self, config: "Config", journal: "Journal", *, models: list[dict] | None = None,
-                 listener_up: Callable[[], bool] = lambda: True, interval_s: float = 30.0,
-                 echo_timeout_s: float = 5.0) -> None:
+                 listener_up: Callable[[], bool] = lambda: True,
+                 service_problems: Callable[[], list[str]] = lambda: [],
+                 notices: Callable[[], list[str]] = lambda: [],
+                 interval_s: float = 30.0, echo_timeout_s: float = 5.0) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s: must be > 0, got {interval_s}")
         self.config = config
         self.journal = journal
         self.models = list(models or [])
         self.listener_up = listener_up
+        self.service_problems = service_problems
+        self.notices = notices
         self.interval_s = float(interval_s)
         self.echo_timeout_s = float(echo_timeout_s)
         self._lock = threading.Lock()
@@ -203,12 +218,20 @@ class HealthMonitor:
             listener = False
         if not listener:
             problems.append("listener_down")
+        try:
+            problems.extend(self.service_problems())
+        except Exception:
+            logger.exception("service_problems() raised")
+            problems.append("health_check_failed")
         queues: dict[str, Any] = {}
-        oldest = None
+        oldest = waiting = None
         try:
             by_state = self.journal.count_instances_by_state()
             per_dest = delivery_counts_by_destination(self.journal, (d.name for d in self.config.destinations))
             oldest = self.journal.oldest_pending_delivery_age()
+            waiting = self.journal.oldest_waiting_age()
+            if waiting is not None and waiting > self.config.analysis.stalled_after_s:
+                problems.append("analysis_stalled")
             queues = {"analysis": by_state.get("received", 0) + by_state.get("analyzing", 0),
                       "instances": by_state,
                       "delivery": {d: c.get("pending", 0) + c.get("retrying", 0) for d, c in per_dest.items()},
@@ -224,10 +247,17 @@ class HealthMonitor:
         disk = self._disk()
         if disk.get("low"):
             problems.append("disk_low")
+        try:
+            notices = list(self.notices())
+        except Exception:
+            logger.exception("notices() raised")
+            notices = []
         return {"listener_up": listener, "destinations": destinations, "queues": queues,
-                "oldest_pending_delivery_s": oldest, "disk": disk, "models": list(self.models),
+                "oldest_pending_delivery_s": oldest, "oldest_waiting_analysis_s": waiting,
+                "disk": disk, "models": list(self.models),
                 "platform": platform, "checked_at": checked_at, "now": time.time(),
-                "ok": not problems, "problems": problems}
+                "ok": not problems, "problems": problems,
+                "critical": [p for p in problems if is_critical(p)], "notices": notices}
 
     def _disk(self) -> dict[str, Any]:
         reserve = self.config.storage.min_free_mb * 1024 * 1024

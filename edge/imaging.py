@@ -138,15 +138,33 @@ def load_for_models(path_or_ds: str | os.PathLike[str] | Dataset, *, min_side: i
         photometric=photometric, reduction=reduction, block=block)
 
 
-def read_dataset(path_or_ds: str | os.PathLike[str] | Dataset) -> Dataset:
-    """Return the dataset itself, or read it from a path; ImagingError when unreadable."""
+def warm_codecs() -> None:
+    """Import the pixel decoders now, so the first image does not pay for loading them."""
+    import importlib
+
+    from PIL import Jpeg2KImagePlugin  # noqa: F401 - the reduced JPEG 2000 decode
+    for name in ("pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    for syntax in _END_MARKER_SYNTAXES | {"1.2.840.10008.1.2.5"}:
+        try:
+            get_decoder(UID(syntax)).is_available
+        except NotImplementedError:
+            pass
+
+
+def read_dataset(path_or_ds: str | os.PathLike[str] | Dataset, *, pixels: bool = True) -> Dataset:
+    """Return the dataset itself, or read it from a path (without the pixel data when
+    ``pixels`` is False); ImagingError when unreadable."""
     if isinstance(path_or_ds, Dataset):
         return path_or_ds
     if not isinstance(path_or_ds, (str, os.PathLike)):
         raise TypeError(f"path_or_ds: expected a path or a pydicom Dataset, got {type(path_or_ds).__name__}")
     path = Path(path_or_ds)
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except FileNotFoundError:
         raise ImagingError(f"file not found: {path}") from None
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:

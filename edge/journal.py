@@ -4,9 +4,15 @@ WAL mode with ``synchronous=FULL``: a committed row survives a power cut. Every 
 one short transaction under a lock, so the DICOM handler threads, the analysis workers,
 the delivery sender and the web pages can share one ``Journal``.
 
-Instance states: ``received -> analyzing -> analyzed | skipped | failed``.
+Instance states: ``received -> analyzing -> analyzed | skipped | failed``. An instance
+whose results could not be written (disk full or read-only) goes back to ``received`` with
+a ``not_before`` time and a reason, and is analysed again then.
 Delivery states: ``pending -> sent | retrying -> gave_up`` (one row per result object and
-destination).
+destination); ``superseded`` when a new analysis of the same image replaced the object
+before it was sent.
+
+The schema is created and upgraded in place (``PRAGMA user_version``); a journal written by
+an older version gains the new columns at open.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 INSTANCE_STATES = ("received", "analyzing", "analyzed", "skipped", "failed")
 FINAL_INSTANCE_STATES = ("analyzed", "skipped", "failed")
-DELIVERY_STATES = ("pending", "retrying", "sent", "gave_up")
+DELIVERY_STATES = ("pending", "retrying", "sent", "gave_up", "superseded")
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -68,7 +75,27 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_instance ON deliveries(sop_instance_uid);
+CREATE TABLE IF NOT EXISTS instance_versions (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid   TEXT NOT NULL,
+    sha256             TEXT NOT NULL,
+    path               TEXT NOT NULL,
+    size_bytes         INTEGER NOT NULL,
+    calling_ae         TEXT NOT NULL DEFAULT '',
+    received_at        REAL NOT NULL,
+    replaced_at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instance_versions_uid ON instance_versions(sop_instance_uid);
 """
+
+# Columns added after the first release: (table, column, declaration).
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("instances", "not_before", "REAL"),
+    ("instances", "conflicts", "INTEGER NOT NULL DEFAULT 0"),
+    ("deliveries", "replaced_at", "REAL"),
+    ("deliveries", "unconfirmed_at", "REAL"),
+    ("instances", "recovered", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,9 @@ class InstanceRow:
     attempts: int
     findings_json: str | None
     timings_json: str
+    not_before: float | None = None
+    conflicts: int = 0
+    recovered: int = 0     # put back from the spool after the journal lost it
 
     @property
     def findings(self) -> dict[str, Any] | None:
@@ -119,6 +149,7 @@ class InstanceRow:
             "analyzed_at": self.analyzed_at,
             "timings_ms": self.timings,
             "findings": self.findings,
+            "conflicts": self.conflicts,
         }
 
 
@@ -137,11 +168,17 @@ class DeliveryRow:
     updated_at: float
     next_attempt_at: float
     sent_at: float | None
+    replaced_at: float | None = None   # a newer analysis of the image replaced this object
+    unconfirmed_at: float | None = None   # sent (or maybe sent) without a recorded answer
+
+    @property
+    def current(self) -> bool:
+        return self.replaced_at is None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "id", "object_type", "result_uid", "destination", "state", "attempts",
-            "last_error", "created_at", "next_attempt_at", "sent_at")}
+            "last_error", "created_at", "next_attempt_at", "sent_at", "replaced_at")}
 
 
 @dataclass(frozen=True)
@@ -177,6 +214,18 @@ class Journal:
         self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Add the columns a journal from an older version lacks (no data is rewritten)."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        for table, column, declaration in _ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -191,9 +240,10 @@ class Journal:
             return self._db.execute(sql, tuple(args)).fetchall()
 
     def check_integrity(self) -> bool:
-        """True when SQLite's quick_check finds nothing wrong (used by /healthz)."""
-        rows = self._query("PRAGMA quick_check")
-        return bool(rows) and rows[0][0] == "ok"
+        """True when SQLite's quick_check finds nothing wrong (used by /healthz and the
+        systemd watchdog). Runs on a read-only connection of its own, so it never holds
+        the lock that C-STORE commits need."""
+        return check_integrity(self.path)
 
     # ------------------------------------------------------------------ instances
     def find_instance(self, sop_instance_uid: str) -> InstanceRow | None:
@@ -202,31 +252,37 @@ class Journal:
 
     def record_received(self, new: NewInstance, *, now: float | None = None,
                         timings_ms: dict[str, float] | None = None) -> str:
-        """Insert a stored instance; returns "new", "duplicate" (same bytes) or "replaced".
+        """Insert a stored instance; returns "new", "duplicate" (same bytes) or "conflict".
 
         A re-sent instance with the same bytes keeps its row and state (not analyzed
-        twice). Different bytes under the same SOP Instance UID replace the earlier
-        version and are analyzed again.
+        twice). Different bytes under the same SOP Instance UID are a conflict: the earlier
+        version's file and facts are kept in ``instance_versions``, the instance counts the
+        conflict, and the new version is analyzed (its results get new UIDs).
         """
         now = time.time() if now is None else now
         timings = json.dumps({k: round(float(v), 3) for k, v in (timings_ms or {}).items()}, sort_keys=True)
         with self._tx() as db:
-            row = db.execute("SELECT sha256 FROM instances WHERE sop_instance_uid = ?",
+            row = db.execute("SELECT * FROM instances WHERE sop_instance_uid = ?",
                              (new.sop_instance_uid,)).fetchone()
             if row is not None and row["sha256"] == new.sha256:
                 return "duplicate"
             if row is not None:
                 db.execute(
+                    "INSERT INTO instance_versions (sop_instance_uid, sha256, path, size_bytes,"
+                    " calling_ae, received_at, replaced_at) VALUES (?,?,?,?,?,?,?)",
+                    (row["sop_instance_uid"], row["sha256"], row["path"], row["size_bytes"],
+                     row["calling_ae"], row["received_at"], now))
+                db.execute(
                     "UPDATE instances SET sop_class_uid=?, study_instance_uid=?, series_instance_uid=?,"
                     " transfer_syntax=?, calling_ae=?, path=?, sha256=?, size_bytes=?, patient_name=?,"
                     " patient_id=?, modality=?, state='received', reason=NULL, received_at=?,"
-                    " updated_at=?, analyzed_at=NULL, attempts=0, findings_json=NULL, timings_json=?"
-                    " WHERE sop_instance_uid=?",
+                    " updated_at=?, analyzed_at=NULL, attempts=0, findings_json=NULL, timings_json=?,"
+                    " not_before=NULL, conflicts=conflicts+1 WHERE sop_instance_uid=?",
                     (new.sop_class_uid, new.study_instance_uid, new.series_instance_uid,
                      new.transfer_syntax, new.calling_ae, new.path, new.sha256, new.size_bytes,
                      new.patient_name, new.patient_id, new.modality, now, now, timings,
                      new.sop_instance_uid))
-                return "replaced"
+                return "conflict"
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
                 " series_instance_uid, transfer_syntax, calling_ae, path, sha256, size_bytes,"
@@ -236,6 +292,33 @@ class Journal:
                  new.series_instance_uid, new.transfer_syntax, new.calling_ae, new.path, new.sha256,
                  new.size_bytes, new.patient_name, new.patient_id, new.modality, now, now, timings))
             return "new"
+
+    def known_paths(self) -> set[str]:
+        """Spool paths of every instance and earlier version the journal knows."""
+        rows = self._query("SELECT path FROM instances UNION SELECT path FROM instance_versions")
+        return {r[0] for r in rows}
+
+    def mark_recovered(self, sop_instance_uid: str) -> None:
+        """The instance was put back from the spool: its results may already be at the PACS."""
+        with self._tx() as db:
+            db.execute("UPDATE instances SET recovered=1 WHERE sop_instance_uid=?", (sop_instance_uid,))
+
+    def record_earlier_version(self, new: NewInstance, received_at: float) -> None:
+        """Keep ``new`` as an earlier version of an instance the journal already holds."""
+        with self._tx() as db:
+            db.execute("INSERT INTO instance_versions (sop_instance_uid, sha256, path, size_bytes,"
+                       " calling_ae, received_at, replaced_at) VALUES (?,?,?,?,?,?,?)",
+                       (new.sop_instance_uid, new.sha256, new.path, new.size_bytes, new.calling_ae,
+                        received_at, received_at))
+            db.execute("UPDATE instances SET conflicts=conflicts+1 WHERE sop_instance_uid=?",
+                       (new.sop_instance_uid,))
+
+    def instance_versions(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        """Earlier versions of an instance (same UID, other bytes), oldest first."""
+        rows = self._query("SELECT sha256, path, size_bytes, calling_ae, received_at, replaced_at"
+                           " FROM instance_versions WHERE sop_instance_uid=? ORDER BY id",
+                           (sop_instance_uid,))
+        return [dict(r) for r in rows]
 
     def add_timings(self, sop_instance_uid: str, timings_ms: dict[str, float]) -> None:
         """Merge per-stage timings (milliseconds) into the instance's record."""
@@ -250,18 +333,63 @@ class Journal:
                        (json.dumps(merged, sort_keys=True), sop_instance_uid))
 
     def claim_next_instance(self, *, now: float | None = None) -> InstanceRow | None:
-        """Move the oldest ``received`` instance to ``analyzing`` and return it."""
+        """Move the oldest due ``received`` instance to ``analyzing`` and return it.
+
+        Claiming does not count as an attempt: only ``begin_inference`` does, so that a
+        crash counts against the image that was being analysed, not those queued behind it.
+        """
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute("SELECT sop_instance_uid FROM instances WHERE state='received'"
-                             " ORDER BY received_at, rowid LIMIT 1").fetchone()
+                             " AND (not_before IS NULL OR not_before <= ?)"
+                             " ORDER BY received_at, rowid LIMIT 1", (now,)).fetchone()
             if row is None:
                 return None
             uid = row["sop_instance_uid"]
-            db.execute("UPDATE instances SET state='analyzing', attempts=attempts+1, updated_at=?"
-                       " WHERE sop_instance_uid=?", (now, uid))
+            db.execute("UPDATE instances SET state='analyzing', updated_at=? WHERE sop_instance_uid=?",
+                       (now, uid))
             return InstanceRow(**dict(db.execute("SELECT * FROM instances WHERE sop_instance_uid=?",
                                                  (uid,)).fetchone()))
+
+    def begin_inference(self, sop_instance_uid: str) -> int:
+        """Count an analysis attempt of this image (the models start on it now); returns the
+        number of attempts so far. After a restart, an image with an attempt counted was
+        being analysed when the service died (see edge.rehearsal)."""
+        with self._tx() as db:
+            db.execute("UPDATE instances SET attempts=attempts+1 WHERE sop_instance_uid=?",
+                       (sop_instance_uid,))
+            row = db.execute("SELECT attempts FROM instances WHERE sop_instance_uid=?",
+                             (sop_instance_uid,)).fetchone()
+            return int(row["attempts"]) if row else 0
+
+    def clear_attempts(self, sop_instance_uid: str) -> None:
+        """The interrupted analysis was not the image's fault: start counting again."""
+        with self._tx() as db:
+            db.execute("UPDATE instances SET attempts=0 WHERE sop_instance_uid=?", (sop_instance_uid,))
+
+    def defer_instance(self, sop_instance_uid: str, reason: str, *, retry_at: float,
+                       now: float | None = None) -> None:
+        """Back to ``received`` until ``retry_at``: the analysis worked but its results could
+        not be kept (disk full or read-only); it is analysed again then."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE instances SET state='received', reason=?, not_before=?, updated_at=?,"
+                       " attempts=MAX(attempts-1, 0) WHERE sop_instance_uid=?",
+                       (reason, retry_at, now, sop_instance_uid))
+
+    def next_deferred_time(self) -> float | None:
+        """When the next deferred instance is due again (epoch seconds), or None."""
+        rows = self._query("SELECT MIN(not_before) FROM instances WHERE state='received'"
+                           " AND not_before IS NOT NULL")
+        return rows[0][0] if rows else None
+
+    def oldest_waiting_age(self, *, now: float | None = None) -> float | None:
+        """Seconds the oldest due ``received`` instance has waited for analysis, or None."""
+        now = time.time() if now is None else now
+        rows = self._query("SELECT MIN(COALESCE(not_before, received_at)) FROM instances"
+                           " WHERE state='received'")
+        oldest = rows[0][0] if rows else None
+        return None if oldest is None else max(0.0, now - oldest)
 
     def finish_instance(self, sop_instance_uid: str, state: str, *, reason: str | None = None,
                         findings: dict[str, Any] | None = None,
@@ -279,7 +407,7 @@ class Journal:
             merged = json.loads(row["timings_json"] or "{}")
             merged.update({k: round(float(v), 3) for k, v in (timings_ms or {}).items()})
             db.execute("UPDATE instances SET state=?, reason=?, findings_json=?, timings_json=?,"
-                       " analyzed_at=?, updated_at=? WHERE sop_instance_uid=?",
+                       " analyzed_at=?, updated_at=?, not_before=NULL WHERE sop_instance_uid=?",
                        (state, reason, json.dumps(findings) if findings is not None else None,
                         json.dumps(merged, sort_keys=True), now, now, sop_instance_uid))
 
@@ -297,27 +425,41 @@ class Journal:
         now = time.time() if now is None else now
         rows = list(plan)
         with self._tx() as db:
-            row = db.execute("SELECT timings_json FROM instances WHERE sop_instance_uid=?",
+            row = db.execute("SELECT timings_json, recovered FROM instances WHERE sop_instance_uid=?",
                              (sop_instance_uid,)).fetchone()
             if row is None:
                 raise KeyError(sop_instance_uid)
+            # Results of an image recovered from the spool may have reached the PACS before
+            # the journal was lost: the outbox checks before sending them.
+            unconfirmed = now if row["recovered"] else None
             merged = json.loads(row["timings_json"] or "{}")
             merged.update({k: round(float(v), 3) for k, v in timings_ms.items()})
             db.execute("UPDATE instances SET state='analyzed', reason=NULL, findings_json=?,"
-                       " timings_json=?, analyzed_at=?, updated_at=? WHERE sop_instance_uid=?",
+                       " timings_json=?, analyzed_at=?, updated_at=?, not_before=NULL"
+                       " WHERE sop_instance_uid=?",
                        (json.dumps(findings), json.dumps(merged, sort_keys=True), now, now,
                         sop_instance_uid))
+            # Objects of an earlier analysis that this one does not produce again are replaced:
+            # those not yet sent are never sent (the PACS would get stale results).
+            new_uids = sorted({r[1] for r in rows})
+            marks = ",".join("?" * len(new_uids)) or "''"
+            db.execute(f"UPDATE deliveries SET replaced_at=?, updated_at=?,"
+                       f" state=CASE WHEN state IN ('pending','retrying') THEN 'superseded' ELSE state END"
+                       f" WHERE sop_instance_uid=? AND replaced_at IS NULL AND result_uid NOT IN ({marks})",
+                       (now, now, sop_instance_uid, *new_uids))
             for object_type, result_uid, path, dest in rows:
                 local = dest == local_destination
                 db.execute(
                     "INSERT INTO deliveries (sop_instance_uid, object_type, result_uid, path,"
-                    " destination, state, created_at, updated_at, next_attempt_at, sent_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " destination, state, created_at, updated_at, next_attempt_at, sent_at,"
+                    " unconfirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (result_uid, destination) DO UPDATE SET path=excluded.path,"
                     " state=excluded.state, attempts=0, last_error=NULL, created_at=excluded.created_at,"
-                    " next_attempt_at=excluded.next_attempt_at, updated_at=excluded.updated_at",
+                    " next_attempt_at=excluded.next_attempt_at, updated_at=excluded.updated_at,"
+                    " replaced_at=NULL, unconfirmed_at=excluded.unconfirmed_at",
                     (sop_instance_uid, object_type, result_uid, path, dest,
-                     "sent" if local else "pending", now, now, now, now if local else None))
+                     "sent" if local else "pending", now, now, now, now if local else None,
+                     None if local else unconfirmed))
 
     def resume_interrupted(self) -> int:
         """On start: instances left in ``analyzing`` go back to ``received``."""
@@ -328,7 +470,8 @@ class Journal:
     def requeue_instance(self, sop_instance_uid: str) -> bool:
         """Analyze an instance again (technician's "resend results")."""
         with self._tx() as db:
-            cur = db.execute("UPDATE instances SET state='received', reason=NULL, updated_at=?"
+            cur = db.execute("UPDATE instances SET state='received', reason=NULL, updated_at=?,"
+                             " attempts=0, not_before=NULL"
                              " WHERE sop_instance_uid=? AND state IN ('analyzed','skipped','failed')",
                              (time.time(), sop_instance_uid))
             return cur.rowcount == 1
@@ -368,10 +511,17 @@ class Journal:
                     added += cur.rowcount
         return added
 
-    def due_deliveries(self, *, now: float | None = None, limit: int = 50) -> list[DeliveryRow]:
+    def due_deliveries(self, *, now: float | None = None, limit: int = 50,
+                       destination: str | None = None) -> list[DeliveryRow]:
+        """Undelivered results due by ``now``, oldest due first; only ``destination``'s when
+        given, so that a backlog for one destination cannot hide another's rows."""
         now = time.time() if now is None else now
-        rows = self._query("SELECT * FROM deliveries WHERE state IN ('pending','retrying')"
-                           " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (now, limit))
+        sql = "SELECT * FROM deliveries WHERE state IN ('pending','retrying') AND next_attempt_at <= ?"
+        args: tuple = (now,)
+        if destination is not None:
+            sql += " AND destination=?"
+            args += (destination,)
+        rows = self._query(sql + " ORDER BY next_attempt_at, id LIMIT ?", args + (limit,))
         return [DeliveryRow(**dict(r)) for r in rows]
 
     def next_delivery_time(self, destination: str | None = None) -> float | None:
@@ -384,11 +534,21 @@ class Journal:
         rows = self._query(sql, args)
         return rows[0][0] if rows else None
 
-    def mark_delivery_sent(self, delivery_id: int, *, note: str | None = None, now: float | None = None) -> None:
+    def mark_in_flight(self, delivery_ids: Iterable[int], *, now: float | None = None) -> None:
+        """These objects are about to be sent: until their answer is recorded, a crash
+        leaves them ``unconfirmed`` (the PACS may or may not hold them)."""
+        now = time.time() if now is None else now
+        ids = list(delivery_ids)
+        with self._tx() as db:
+            db.executemany("UPDATE deliveries SET unconfirmed_at=? WHERE id=?", [(now, i) for i in ids])
+
+    def mark_delivery_sent(self, delivery_id: int, *, note: str | None = None, now: float | None = None,
+                           count_attempt: bool = True) -> None:
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("UPDATE deliveries SET state='sent', attempts=attempts+1, sent_at=?, updated_at=?,"
-                       " last_error=? WHERE id=?", (now, now, note, delivery_id))
+            db.execute("UPDATE deliveries SET state='sent', attempts=attempts+?, sent_at=?, updated_at=?,"
+                       " last_error=?, unconfirmed_at=NULL WHERE id=?",
+                       (1 if count_attempt else 0, now, now, note, delivery_id))
 
     def mark_delivery_failed(self, delivery_id: int, error: str, *, retry_at: float | None,
                              now: float | None = None) -> None:
@@ -397,7 +557,7 @@ class Journal:
         state = "retrying" if retry_at is not None else "gave_up"
         with self._tx() as db:
             db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, updated_at=?,"
-                       " next_attempt_at=? WHERE id=?",
+                       " next_attempt_at=?, unconfirmed_at=NULL WHERE id=?",
                        (state, error[:500], now, retry_at if retry_at is not None else now, delivery_id))
 
     def retry_delivery(self, delivery_id: int, *, now: float | None = None) -> bool:
@@ -417,6 +577,14 @@ class Journal:
                              " updated_at=?, last_error=NULL WHERE sop_instance_uid=?",
                              (now, now, now, sop_instance_uid))
             return cur.rowcount
+
+    def sent_results(self, sop_instance_uid: str, object_type: str) -> list[DeliveryRow]:
+        """Result objects of this type sent for the image by earlier analyses (one row per
+        object, oldest first): what an amended SR names as its predecessors."""
+        rows = self._query("SELECT * FROM deliveries WHERE id IN (SELECT MIN(id) FROM deliveries"
+                           " WHERE sop_instance_uid=? AND object_type=? AND state='sent'"
+                           " GROUP BY result_uid) ORDER BY id", (sop_instance_uid, object_type))
+        return [DeliveryRow(**dict(r)) for r in rows]
 
     def deliveries_for(self, sop_instance_uid: str) -> list[DeliveryRow]:
         rows = self._query("SELECT * FROM deliveries WHERE sop_instance_uid=? ORDER BY id", (sop_instance_uid,))
@@ -445,12 +613,28 @@ class Journal:
         return None if oldest is None else max(0.0, now - oldest)
 
     def delivery_summary(self, sop_instance_uid: str) -> str:
-        """One word for the instance's results: none, pending, retrying, sent, gave_up."""
-        states = {d.state for d in self.deliveries_for(sop_instance_uid)}
+        """One word for the instance's current results: none, pending, retrying, sent, gave_up."""
+        states = {d.state for d in self.deliveries_for(sop_instance_uid) if d.current}
         for s in ("gave_up", "retrying", "pending", "sent"):
             if s in states:
                 return s
         return "none"
+
+
+def check_integrity(path: str | Path) -> bool:
+    """SQLite's quick_check of the journal file, on a read-only connection of its own."""
+    uri = f"file:{Path(path).resolve()}?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=5.0)
+    except sqlite3.Error:
+        return False
+    try:
+        rows = db.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+    return bool(rows) and rows[0][0] == "ok"
 
 
 class _Transaction:

@@ -76,12 +76,46 @@ def _safe_label(value: str, what: str) -> str:
     return value
 
 
+#: Distinct calling AE titles kept as label values; later ones are counted as "other", so
+#: that a flood of made-up AE titles cannot grow /metrics without bound.
+MAX_CALLING_AE_LABELS = 32
+
+
+class BoundedLabel:
+    """Label values from the outside world, at most ``limit`` distinct ones (then "other")."""
+
+    def __init__(self, what: str, limit: int, known: Iterable[str] = ()) -> None:
+        self.what = what
+        self.limit = int(limit)
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._warned = False
+        for value in known:
+            self.value(value)
+
+    def value(self, raw: str) -> str:
+        label = _safe_label(raw, self.what)
+        with self._lock:
+            if label in self._seen:
+                return label
+            if len(self._seen) < self.limit:
+                self._seen.add(label)
+                return label
+            if not self._warned:
+                self._warned = True
+                logger.warning("metrics: more than %d distinct %s values; further ones are "
+                               "counted as 'other'", self.limit, self.what)
+        return "other"
+
+
 class Metrics:
     """Counters and histograms of one appliance process (no multiprocess mode)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 known_calling_aes: Iterable[str] = ()) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
+        self._calling_ae = BoundedLabel("calling_ae", MAX_CALLING_AE_LABELS, known_calling_aes)
         self._journal_collector: JournalCollector | None = None
         self.received = Counter("edge_instances_received", "DICOM instances stored and journaled",
                                 ["calling_ae"], registry=self.registry)
@@ -104,7 +138,7 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
 
     def instance_received(self, calling_ae: str) -> None:
-        self.received.labels(calling_ae=_safe_label(calling_ae, "calling_ae")).inc()
+        self.received.labels(calling_ae=self._calling_ae.value(calling_ae)).inc()
 
     def instance_finished(self, state: str, reason: str | None = None) -> None:
         """Count a final state; ``reason`` (free text) is used only for skipped instances."""
@@ -225,6 +259,14 @@ def _health_families(snap: dict[str, Any]):
     if up is not None:
         yield GaugeMetricFamily("edge_listener_up", "DICOM listener accepting associations",
                                 value=1.0 if up else 0.0)
+    if "critical" in snap:
+        yield GaugeMetricFamily("edge_healthy", "No critical problem: listener accepting, workers"
+                                " alive, analysis not stalled (1), else 0",
+                                value=0.0 if snap["critical"] else 1.0)
+    if "oldest_waiting_analysis_s" in snap:
+        yield GaugeMetricFamily("edge_oldest_waiting_analysis_seconds", "How long the oldest image"
+                                " waiting for analysis has waited (0 when none)",
+                                value=snap["oldest_waiting_analysis_s"] or 0.0)
     reach = GaugeMetricFamily("edge_destination_reachable", "Last C-ECHO to the destination"
                               " succeeded (1) or failed (0)", labels=["destination"])
     for dest in snap.get("destinations", []):

@@ -5,6 +5,13 @@ Failures (no connection, abort, any failure status) are retried with exponential
 (1 s doubling, capped at 60 s by default) for as long as the delivery is younger than
 ``delivery.max_age_hours``; after that it is ``gave_up``, which the status page and the
 metrics show. Warning statuses 0xB000/0xB006/0xB007 count as delivered.
+
+Each sender reads only its own destination's due rows, so a backlog for a PACS that is down
+never hides another destination's work. When nothing of a batch got through because the
+PACS cannot be reached, the sender waits out that backoff (or a wake-up: new results, the
+technician's "retry now") before trying its next batch.
+The log says when a destination starts failing (WARNING, with the reason) and when it works
+again (INFO); the retries in between are DEBUG.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from dicom_node.scu import Peer, make_client_ssl_context, send_files
+from dicom_node.scu import Peer, SendOutcome, instance_present, make_client_ssl_context, send_files
 
 from .config import Config, Destination
 from .journal import DeliveryRow, Journal
@@ -38,11 +45,19 @@ class Outbox:
         self._wake = {d.name: threading.Event() for d in config.destinations}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._failing: dict[str, str] = {}   # destination -> why it fails, while it does
+        self._unverifiable: set[str] = set()  # destinations that cannot answer C-FIND
 
     def _peer(self, dest: Destination) -> Peer:
         return destination_peer(self.config, dest)
 
     def start(self) -> "Outbox":
+        for dest in self.config.destinations:
+            if dest.tls and not dest.tls_verify:
+                logger.warning("destination %s: the certificate of %s:%d is NOT verified "
+                               "(tls_verify = false); anyone on the network path can pose as "
+                               "the PACS and receive patient data. Set tls_ca to verify it",
+                               dest.name, dest.host, dest.port)
         for dest in self.config.destinations:
             t = threading.Thread(target=self._run, args=(dest,), name=f"outbox-{dest.name}", daemon=True)
             t.start()
@@ -76,59 +91,138 @@ class Outbox:
         wake = self._wake[dest.name]
         while not self._stop.is_set():
             now = time.time()
-            due = [d for d in self.journal.due_deliveries(now=now, limit=500)
-                   if d.destination == dest.name]
+            due = self.journal.due_deliveries(now=now, limit=BATCH, destination=dest.name)
             if due:
-                self._send_batch(dest, due[:BATCH])
+                pause = self._send_batch(dest, due)
+                if pause:   # unreachable: the next batch after the backoff, or when woken
+                    wake.wait(pause)
+                    wake.clear()
                 continue
             nxt = self.journal.next_delivery_time(dest.name)
             timeout = 5.0 if nxt is None else min(5.0, max(0.05, nxt - now))
             wake.wait(timeout)
             wake.clear()
 
-    def _send_batch(self, dest: Destination, rows: list[DeliveryRow]) -> None:
-        peer = self._peer_factory(dest)
+    def dead_workers(self) -> list[str]:
+        """Sender threads that have stopped although the outbox was not stopped."""
+        if self._stop.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
+    def _send_batch(self, dest: Destination, rows: list[DeliveryRow]) -> float:
+        """Send ``rows`` over one association and record each outcome as it arrives. Returns
+        how long to wait before the next batch: the backoff when the PACS could not be
+        reached at all."""
         paths = [self.config.storage_dir / r.path for r in rows]
         missing = [r for r, p in zip(rows, paths) if not p.exists()]
         for r in missing:
             self.journal.mark_delivery_failed(r.id, "result file is missing from storage", retry_at=None)
         rows = [r for r in rows if r not in missing]
-        paths = [self.config.storage_dir / r.path for r in rows]
+        rows = self._confirm_unknown(dest, rows)
         if not rows:
-            return
+            return 0.0
+        paths = [self.config.storage_dir / r.path for r in rows]
+        self.journal.mark_in_flight([r.id for r in rows])
+        batch = _Batch()
+
+        def record(index: int, outcome: SendOutcome) -> None:
+            batch.recorded.add(index)
+            self._record_outcome(dest, rows[index], outcome, batch)
+
         started = time.perf_counter()
         try:
-            outcomes = send_files(peer, paths)
-        except Exception as exc:  # noqa: BLE001 - unreadable file, TLS error, ...
-            logger.exception("sending to %s failed", dest.name)
-            outcomes = [None] * len(rows)
+            outcomes = send_files(self._peer_factory(dest), paths, on_outcome=record)
+        except Exception as exc:  # noqa: BLE001 - unreadable file, TLS setup error, ...
+            logger.debug("sending to %s raised", dest.name, exc_info=True)
             error = f"{type(exc).__name__}: {exc}"
-        else:
-            error = ""
+            outcomes = [SendOutcome(False, None, error) for _ in rows]
         elapsed = time.perf_counter() - started
+        for index, outcome in enumerate(outcomes):
+            if index not in batch.recorded:
+                record(index, outcome)
+        self._note_state(dest, batch.failures, delivered=bool(batch.delivered))
+        if batch.delivered:
+            self._record_delivered(batch.delivered, elapsed * 1000.0 / max(1, len(rows)))
+        unreachable = not batch.delivered and all(o.status is None for o in outcomes)
+        return batch.pause if unreachable else 0.0
+
+    def _record_outcome(self, dest: Destination, row: DeliveryRow, outcome: SendOutcome,
+                        batch: "_Batch") -> None:
+        """Journal one object's answer at once (sent, retry later, or given up)."""
         now = time.time()
-        finished_instances: set[str] = set()
-        for row, outcome in zip(rows, outcomes):
-            if outcome is not None and outcome.delivered:
-                self.journal.mark_delivery_sent(row.id, note=None if outcome.status == 0 else outcome.message, now=now)
-                finished_instances.add(row.sop_instance_uid)
-                self._count(dest.name, "sent")
+        if outcome.delivered:
+            self.journal.mark_delivery_sent(row.id, note=None if outcome.status == 0 else outcome.message, now=now)
+            batch.delivered.add(row.sop_instance_uid)
+            self._count(dest.name, "sent")
+            return
+        batch.failures.append((row, outcome.message))
+        age_s = now - row.created_at
+        if age_s >= self.config.delivery.max_age_hours * 3600.0:
+            logger.error("giving up delivery of a %s to %s after %.1f h: %s",
+                         row.object_type.upper(), dest.name, age_s / 3600.0, outcome.message)
+            self.journal.mark_delivery_failed(row.id, outcome.message, retry_at=None, now=now)
+            self._count(dest.name, "gave_up")
+            return
+        delay = backoff_s(row.attempts + 1, self.config.delivery.initial_backoff_s,
+                          self.config.delivery.max_backoff_s)
+        logger.debug("delivery of a %s to %s failed (%s); retry in %.0f s",
+                     row.object_type.upper(), dest.name, outcome.message, delay)
+        self.journal.mark_delivery_failed(row.id, outcome.message, retry_at=now + delay, now=now)
+        self._count(dest.name, "retry")
+        batch.pause = max(batch.pause, delay)
+
+    def _confirm_unknown(self, dest: Destination, rows: list[DeliveryRow]) -> list[DeliveryRow]:
+        """Objects whose earlier send has no recorded answer (the box stopped mid-send, or
+        the journal was rebuilt) are looked up at the PACS first (C-FIND), so that it does
+        not receive them twice. Returns the rows still to send."""
+        to_send = []
+        for row in rows:
+            if row.unconfirmed_at is None:
+                to_send.append(row)
                 continue
-            message = outcome.message if outcome is not None else error
-            age_s = now - row.created_at
-            if age_s >= self.config.delivery.max_age_hours * 3600.0:
-                logger.error("giving up delivery of a %s to %s after %.1f h: %s",
-                             row.object_type.upper(), dest.name, age_s / 3600.0, message)
-                self.journal.mark_delivery_failed(row.id, message, retry_at=None, now=now)
-                self._count(dest.name, "gave_up")
-            else:
-                delay = backoff_s(row.attempts + 1, self.config.delivery.initial_backoff_s,
-                                  self.config.delivery.max_backoff_s)
-                logger.warning("delivery to %s failed (%s); retry in %.0f s", dest.name, message, delay)
-                self.journal.mark_delivery_failed(row.id, message, retry_at=now + delay, now=now)
-                self._count(dest.name, "retry")
-        if finished_instances:
-            self._record_delivered(finished_instances, elapsed * 1000.0 / max(1, len(rows)))
+            present = None
+            try:
+                from pydicom import dcmread
+                ds = dcmread(self.config.storage_dir / row.path, stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+                present = instance_present(self._peer_factory(dest), str(ds.StudyInstanceUID),
+                                           str(ds.SeriesInstanceUID), row.result_uid)
+            except Exception:  # noqa: BLE001 - cannot tell: send it
+                logger.debug("checking %s at %s failed", row.result_uid, dest.name, exc_info=True)
+            if present:
+                self.journal.mark_delivery_sent(
+                    row.id, note="already held by the PACS (checked after an interruption)",
+                    count_attempt=False)
+                logger.info("a %s for %s was already at %s (sent before an interruption): "
+                            "not sent again", row.object_type.upper(), row.sop_instance_uid, dest.name)
+                continue
+            if present is None and dest.name not in self._unverifiable:
+                self._unverifiable.add(dest.name)
+                logger.warning("%s does not answer C-FIND queries: objects whose earlier send was "
+                               "interrupted are sent again, and the PACS may receive them twice",
+                               dest.name)
+            to_send.append(row)
+        return to_send
+
+    def _note_state(self, dest: Destination, failures: list[tuple[DeliveryRow, str]], *,
+                    delivered: bool) -> None:
+        """Log when a destination starts failing (nothing of a batch got through) and when it
+        works again, not every retry; an object refused while others get through is
+        logged at its first failure."""
+        if failures and not delivered:
+            if dest.name not in self._failing:
+                self._failing[dest.name] = failures[0][1]
+                logger.warning("delivery to %s (%s@%s:%d) is failing: %s; retrying with backoff "
+                               "(up to %.0f s) until it works again", dest.name, dest.ae_title,
+                               dest.host, dest.port, failures[0][1], self.config.delivery.max_backoff_s)
+            return
+        if delivered and dest.name in self._failing:
+            reason = self._failing.pop(dest.name)
+            logger.info("delivery to %s works again (it failed with: %s)", dest.name, reason)
+        for row, message in failures:
+            if row.attempts == 0:
+                logger.warning("%s to %s not delivered, will retry with backoff: %s",
+                               row.object_type.upper(), dest.name, message)
 
     def _count(self, destination: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -151,15 +245,29 @@ class Outbox:
                     self.metrics.observe_end_to_end(max(0.0, last - inst.received_at))
 
 
+class _Batch:
+    """What one association's sends came to."""
+
+    def __init__(self) -> None:
+        self.recorded: set[int] = set()      # indexes of the batch whose answer is journaled
+        self.delivered: set[str] = set()     # instances with an object delivered
+        self.failures: list[tuple[DeliveryRow, str]] = []
+        self.pause = 0.0
+
 
 def destination_peer(config: Config, dest: Destination, timeout_s: float | None = None) -> Peer:
-    """How to reach a destination: AE titles, address, and TLS with the box's own
-    certificate (``node.tls_*``) when the destination asks for it."""
+    """How to reach a destination: AE titles, address, and TLS when the destination asks for
+    it: the PACS certificate checked against ``tls_ca`` (else ``node.tls_ca``) and
+    ``tls_server_name`` (else the host) unless ``tls_verify`` is false, and the box's own
+    certificate (``node.tls_cert``/``tls_key``) presented when configured."""
     ssl_context = None
     if dest.tls:
         node = config.node
-        ssl_context = make_client_ssl_context(ca=node.tls_ca, cert=node.tls_cert, key=node.tls_key)
+        ssl_context = make_client_ssl_context(
+            ca=(dest.tls_ca or node.tls_ca) if dest.tls_verify else None,
+            cert=node.tls_cert, key=node.tls_key, verify=dest.tls_verify)
     return Peer(ae_title=dest.ae_title, host=dest.host, port=dest.port,
                 calling_ae_title=dest.calling_ae_title or config.node.ae_title,
                 ssl_context=ssl_context,
-                timeout_s=timeout_s if timeout_s is not None else config.delivery.timeout_s)
+                timeout_s=timeout_s if timeout_s is not None else config.delivery.timeout_s,
+                tls_server_name=dest.tls_server_name)

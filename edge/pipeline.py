@@ -5,6 +5,15 @@ preprocess) while the other *infers* (models, reporting), so decoding the next i
 overlaps with inference of the current one. Inference itself is serialized per model by
 the analyzer. Every instance ends ``analyzed``, ``skipped`` or ``failed`` with a reason;
 a crash or SIGKILL leaves it ``analyzing`` and it is resumed at the next start.
+
+Nothing one image does may stop the workers: pixel decoding runs in a separate process
+(``edge.decoder``), every job is guarded against any exception (a codec's Rust panic is a
+``BaseException``), and ``alive()`` tells the health checks when a worker thread has died
+anyway. Only the image whose *inference* was under way when the service died is suspect,
+not those queued behind it; before it is analysed again it is analysed once in a separate
+process (``edge.rehearsal``), and failed only if that crashes too, so power cuts never fail
+a healthy image. Results that cannot be written (disk full, read-only) are not a failure of
+the image: it waits and is analysed again.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from .storage import write_all_durably
 logger = logging.getLogger(__name__)
 
 LOCAL_DESTINATION = "local-folder"
-MAX_ATTEMPTS = 3   # an image that crashed the process this often is marked failed
+DISK_RETRY_S = (5.0, 300.0)   # first and longest wait before results are written again
 
 
 @dataclass
@@ -49,10 +58,16 @@ class Pipeline:
         self.work_available = work_available
         self.metrics = metrics
         self._on_results = on_results or (lambda: None)
+        if equipment is None:
+            from .reporting import equipment_from_identity
+            equipment = equipment_from_identity(config.identity)
         self._equipment = equipment
         self._stop = threading.Event()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._threads: list[threading.Thread] = []
+        self._disk_failures = 0
+        #: (when, message) of the last failure to write results, None once writing works
+        self.results_write_error: tuple[float, str] | None = None
         dests = config.destinations
         self.outputs = tuple(o for o in OUTPUT_TYPES if not dests or any(o in d.outputs for d in dests))
 
@@ -73,6 +88,12 @@ class Pipeline:
         for t in self._threads:
             t.join(timeout=30)
 
+    def dead_workers(self) -> list[str]:
+        """Names of worker threads that have stopped although the pipeline was not stopped."""
+        if self._stop.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
     # ------------------------------------------------------------------ prepare
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
@@ -81,7 +102,11 @@ class Pipeline:
                 self.work_available.wait(1.0)
                 self.work_available.clear()
                 continue
-            job = self._prepare(row)
+            try:
+                job = self._prepare(row)
+            except BaseException as exc:   # noqa: BLE001 - one image must not stop the box
+                job = None
+                self._fail_unexpected(row, "reading the image", exc)
             if job is not None:
                 while not self._stop.is_set():
                     try:
@@ -90,22 +115,32 @@ class Pipeline:
                     except queue.Full:
                         continue
 
+    def _fail_unexpected(self, row: InstanceRow, stage: str, exc: BaseException) -> None:
+        logger.error("unexpected %s while %s (%s)", type(exc).__name__, stage, row.sop_instance_uid,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            self._finish(row, "failed", f"internal error while {stage} ({type(exc).__name__}); "
+                         "stored, not analyzed")
+        except Exception:  # noqa: BLE001 - the journal itself failed: the image stays queued
+            logger.exception("could not record the failure of %s", row.sop_instance_uid)
+
     def _prepare(self, row: InstanceRow) -> _Job | None:
         from .imaging import ImagingError
         started = time.perf_counter()
-        if row.attempts > MAX_ATTEMPTS:
-            self._finish(row, "failed", f"analysis was interrupted {row.attempts - 1} times; "
-                         "the image may be damaged. Stored, not analyzed")
-            return None
         path = self.config.storage_dir / row.path
+        if row.attempts:   # the service stopped while analysing it: was it the image?
+            from .rehearsal import rehearse
+            logger.info("the analysis of %s was interrupted; analysing it once in isolation first",
+                        row.sop_instance_uid)
+            problem = rehearse(self.config, path)
+            if problem:
+                self._finish(row, "failed", f"{problem}; the image may be damaged. Stored, not analyzed")
+                return None
+            self.journal.clear_attempts(row.sop_instance_uid)
         try:
             prepared = self.analyzer.prepare(path)    # reads the stored file (timed as "read")
         except ImagingError as exc:
             self._finish(row, "failed", str(exc))
-            return None
-        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the box
-            logger.exception("unexpected error preparing an image")
-            self._finish(row, "failed", f"internal error while reading the image ({type(exc).__name__})")
             return None
         source = prepared.dataset
         skipped = getattr(prepared, "findings_if_skipped", None)
@@ -125,7 +160,8 @@ class Pipeline:
             prepared = self.analyzer.prepare(source)
             if getattr(prepared, "findings_if_skipped", None) is None:
                 findings = self.analyzer.infer(prepared)
-                for ds in build_results(source, findings, prepared.image.unit_image, self.outputs).values():
+                for ds in build_results(source, findings, prepared.image.unit_image, self.outputs,
+                                        equipment=self._equipment).values():
                     _encode(ds)
         except Exception:  # noqa: BLE001 - a warm-up problem must not stop the service
             logger.warning("warm-up run failed; the first image may be slower", exc_info=True)
@@ -140,26 +176,28 @@ class Pipeline:
                 return
             try:
                 self._infer(job)
-            except Exception as exc:  # noqa: BLE001
-                logger.exception("unexpected error analyzing an image")
-                self._finish(job.row, "failed", f"internal error during analysis ({type(exc).__name__})")
+            except BaseException as exc:  # noqa: BLE001 - one image must not stop the box
+                self._fail_unexpected(job.row, "analyzing the image", exc)
 
     def _infer(self, job: _Job) -> None:
-        from .reporting import build_results
+        self.journal.begin_inference(job.row.sop_instance_uid)
         findings: Findings = self.analyzer.infer(job.prepared)
         findings.timings_ms.pop("total", None)
         t0 = time.perf_counter()
-        kwargs = {"equipment": self._equipment} if self._equipment is not None else {}
-        # Content dates come from the journal's receive time: a rerun gives identical objects.
-        received = datetime.datetime.fromtimestamp(job.row.received_at).replace(microsecond=0)
-        results = build_results(job.source, findings, job.prepared.image.unit_image,
-                                self.outputs, analysis_time=received, **kwargs)
         objects, files = [], {}
-        for kind, ds in results.items():
-            rel = f"results/{ds.StudyInstanceUID}/{kind}_{ds.SOPInstanceUID}.dcm"
-            files[self.config.storage_dir / rel] = _encode(ds)
-            objects.append((kind, str(ds.SOPInstanceUID), rel))
-        write_all_durably(files)
+        for kind, uid, rel, data in encode_results(
+                job.source, findings, job.prepared.image.unit_image, self.outputs,
+                received_at=job.row.received_at, source_digest=job.row.sha256,
+                equipment=self._equipment, sent_srs=self._sent_srs(job.row)):
+            files[self.config.storage_dir / rel] = data
+            objects.append((kind, uid, rel))
+        try:
+            write_all_durably(files)
+        except OSError as exc:
+            self._defer_for_disk(job.row, exc)
+            return
+        self._disk_failures = 0
+        self.results_write_error = None
         report_ms = (time.perf_counter() - t0) * 1000.0
         timings = dict(findings.timings_ms)
         timings["report"] = report_ms
@@ -181,6 +219,39 @@ class Pipeline:
                     timings["analysis_total"])
         self._on_results()
 
+    def _defer_for_disk(self, row: InstanceRow, exc: OSError) -> None:
+        """The results could not be written: keep the image queued and try again later."""
+        self._disk_failures += 1
+        first, longest = DISK_RETRY_S
+        delay = min(longest, first * 2 ** (self._disk_failures - 1))
+        problem = exc.strerror or type(exc).__name__
+        message = (f"results could not be written to disk ({problem}); analysed again "
+                   "automatically when the disk is usable")
+        if self.results_write_error is None:
+            logger.error("results could not be written to %s (%s): images wait and are analysed "
+                         "again when the disk is usable", self.config.results_dir, problem)
+        self.results_write_error = (time.time(), message)
+        self.journal.defer_instance(row.sop_instance_uid, message, retry_at=time.time() + delay)
+
+    def _sent_srs(self, row: InstanceRow) -> list:
+        """SRs of earlier analyses of this image that reached a destination: a new SR with
+        other content names them as the documents it replaces."""
+        from pydicom import dcmread
+
+        from .reporting import PredecessorDocument
+
+        out = []
+        for delivery in self.journal.sent_results(row.sop_instance_uid, "sr"):
+            try:
+                ds = dcmread(self.config.storage_dir / delivery.path, stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"])
+                out.append(PredecessorDocument(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                               str(ds.SOPClassUID), delivery.result_uid))
+            except (OSError, AttributeError, ValueError):
+                logger.warning("the earlier SR %s of %s cannot be read; the new SR does not name it",
+                               delivery.result_uid, row.sop_instance_uid)
+        return out
+
     def _complete(self, row: InstanceRow, findings: Findings, timings: dict, plan: list) -> None:
         self.journal.complete_analysis(
             row.sop_instance_uid, findings=findings.to_dict(), timings_ms=timings,
@@ -195,6 +266,32 @@ class Pipeline:
                                      timings_ms=findings.timings_ms if findings else None)
         if self.metrics is not None:
             self.metrics.instance_finished(state, reason)
+
+
+def encode_results(source, findings: Findings, unit_image, outputs, *, received_at: float,
+                   source_digest: str, equipment, sent_srs=()) -> list[tuple[str, str, str, bytes]]:
+    """The result objects of one analysed image, encoded: (type, SOP Instance UID, path
+    relative to the storage dir, bytes).
+
+    Content dates come from the journal's receive time and UIDs from the content (source
+    bytes, findings, equipment), so a rerun after a crash gives identical objects. When an
+    earlier SR of the image was sent and the new one says something else, the new SR names
+    it as a predecessor; an SR identical to one already sent is sent under its UID again.
+    """
+    from .reporting import build_results
+
+    received = datetime.datetime.fromtimestamp(received_at).replace(microsecond=0)
+    kwargs = dict(equipment=equipment, analysis_time=received, source_digest=source_digest)
+    results = build_results(source, findings, unit_image, outputs, **kwargs)
+    sent_uids = {p.sop_instance_uid for p in sent_srs}
+    if "sr" in results and sent_srs and str(results["sr"].SOPInstanceUID) not in sent_uids:
+        results["sr"] = build_results(source, findings, unit_image, ("sr",),
+                                      predecessors=list(sent_srs), **kwargs)["sr"]
+    out = []
+    for kind, ds in results.items():
+        rel = f"results/{ds.StudyInstanceUID}/{kind}_{ds.SOPInstanceUID}.dcm"
+        out.append((kind, str(ds.SOPInstanceUID), rel, _encode(ds)))
+    return out
 
 
 def _encode(ds) -> bytes:

@@ -54,7 +54,13 @@ class Receiver:
                 logger.info("instance resent with identical bytes: acknowledged, not analyzed again")
                 self._on_received(received.calling_ae)
                 return StoreResult(SUCCESS)
-            rel = self.spool.store(str(ds.StudyInstanceUID), received.sop_instance_uid, data)
+            try:
+                rel, written = self.spool.store(str(ds.StudyInstanceUID), received.sop_instance_uid,
+                                                data, digest)
+            except OSError as exc:   # disk full, read-only, I/O error: the modality resends
+                logger.error("could not write a received image to the spool (%s): answered 0xA700",
+                             exc.strerror or type(exc).__name__)
+                return StoreResult(OUT_OF_RESOURCES, "AI box cannot write to disk: resend later")
             store_s = time.perf_counter() - received.receive_started if received.receive_started else 0.0
             new = NewInstance(
                 sop_instance_uid=received.sop_instance_uid,
@@ -74,13 +80,14 @@ class Receiver:
                 outcome = self.journal.record_received(new, timings_ms={"store": store_s * 1000.0})
             except Exception:
                 logger.exception("journal write failed; the instance is not acknowledged")
-                if existing is None:
+                if written:   # never acknowledged: remove what this call wrote
                     self.spool.absolute(rel).unlink(missing_ok=True)
                 return StoreResult(PROCESSING_FAILURE, "Journal error on AI box: resend later")
         self._observe("store", store_s)
         self._on_received(received.calling_ae)
-        if outcome == "replaced":
-            logger.warning("instance resent with different content: the new version replaces "
-                           "the old one and is analyzed again")
+        if outcome == "conflict":
+            logger.warning("instance %s received again with different content: both versions "
+                           "are kept, the new one is analyzed (its results get new UIDs)",
+                           received.sop_instance_uid)
         self._on_new(received.sop_instance_uid)
         return StoreResult(SUCCESS)

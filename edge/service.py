@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 from dicom_node.scp import SCPSettings, StoreSCP, make_server_ssl_context
 
 from . import systemd
 from .config import Config, ConfigError
+from .decoder import IsolatedDecoder
 from .journal import Journal
 from .metrics import Metrics
 from .outbox import Outbox
 from .receiver import Receiver
+from .recovery import RecoveryReport, open_journal, recover_spool
 from .storage import Spool
 
 logger = logging.getLogger(__name__)
@@ -32,22 +36,34 @@ class Appliance:
         self.journal: Journal | None = None
         self.spool: Spool | None = None
         self.scp: StoreSCP | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(known_calling_aes=config.node.allowed_calling_aets)
         self.models: dict = {}
         self.pipeline = None
         self.outbox = None
         self.health = None
         self.web = None
         self.work_available = threading.Event()
+        self.recovery = RecoveryReport()
+        self.decoders: list[IsolatedDecoder] = []
         self._stopping = threading.Event()
+        self._stopped = False
+        self._started_at = time.time()
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> "Appliance":
+        """Start every part; a ConfigError names what is wrong (and nothing is left running)."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "Appliance":
         cfg = self.config
         storage = cfg.storage_dir
-        storage.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(cfg.journal_path)
+        _check_storage_dir(storage)
+        self.journal = open_journal(cfg.journal_path, self.recovery)
         resumed = self.journal.resume_interrupted()
         if resumed:
             logger.info("resuming %d instance(s) interrupted during analysis", resumed)
@@ -58,15 +74,42 @@ class Appliance:
         receiver = Receiver(self.journal, self.spool, on_new=lambda uid: self.work_available.set(),
                             on_received=self.metrics.instance_received,
                             observe_stage=self.metrics.observe_stage)
-        self.scp = StoreSCP(self._scp_settings(), receiver).start()
+        node = cfg.node
+        try:
+            self.scp = StoreSCP(self._scp_settings(), receiver).start()
+        except OSError as exc:
+            raise ConfigError(f"node.port: cannot listen for DICOM on {node.host}:{node.port} "
+                              f"({exc.strerror or exc}); is another edge serve or a PACS using "
+                              "it? Choose another port or stop the other program") from None
         if self.journal.count_instances_by_state().get("received"):
             self.work_available.set()
-        self._start_web()
+        try:
+            self._start_web()
+        except OSError as exc:
+            raise ConfigError(f"web.port: cannot serve the status page on {cfg.web.host}:"
+                              f"{cfg.web.port} ({exc.strerror or exc}); choose another port or "
+                              "stop the program using it") from None
+        # The listener is up: images the journal lost are recovered while the X-ray machine
+        # can already send new ones.
+        self._start_thread("journal-recovery", self._recover)
         self._start_thread("watchdog", self._watchdog_loop)
         systemd.notify("READY=1\nSTATUS=listening for DICOM on port %d" % self.scp.port)
         return self
 
+    def _recover(self) -> None:
+        try:
+            recover_spool(self.journal, self.config.storage_dir, self.recovery,
+                          older_than=self._started_at)
+        except Exception:   # noqa: BLE001 - the service runs on; the log says why
+            logger.exception("journal recovery from the spool failed")
+            return
+        if self.recovery.recovered:
+            self.work_available.set()
+
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping.set()
         self.work_available.set()
         systemd.notify("STOPPING=1")
@@ -82,6 +125,8 @@ class Appliance:
             self.outbox.stop()
         for model in self.models.values():
             model.close()
+        for decoder in self.decoders:
+            decoder.close()
         for t in self._threads:
             t.join(timeout=10)
         if self.journal is not None:
@@ -113,10 +158,19 @@ class Appliance:
             self.models = load_models(cfg.models_dir, cfg.models.backend, cache_dir=cfg.engine_cache_dir)
         except (ManifestError, ModelIntegrityError, OSError) as exc:
             raise ConfigError(f"models could not be loaded from {cfg.models_dir}: {exc}") from exc
-        analyzer = Analyzer(self.models, tb_threshold=cfg.models.tb_threshold, triage_rules=cfg.triage)
+        decoder = self._decoder("analysis").start()
+        analyzer = Analyzer(self.models, tb_threshold=cfg.models.tb_threshold, triage_rules=cfg.triage,
+                            decoder=decoder)
         self.pipeline = Pipeline(cfg, self.journal, analyzer, work_available=self.work_available,
                                  metrics=self.metrics, on_results=lambda: self.outbox and self.outbox.wake())
         self.metrics.set_model_info(self.model_info())
+
+    def _decoder(self, name: str) -> IsolatedDecoder:
+        """A pixel decoder process (see edge.decoder) with the configured limits."""
+        decoder = IsolatedDecoder(timeout_s=self.config.analysis.decode_timeout_s,
+                                  memory_mb=self.config.analysis.decode_memory_mb, name=name)
+        self.decoders.append(decoder)
+        return decoder
 
     def model_info(self) -> list[dict]:
         return [{"name": m.manifest.name, "version": m.manifest.version, "backend": m.backend}
@@ -126,13 +180,14 @@ class Appliance:
         from .health import HealthMonitor
         from .web import create_app, serve_web
 
-        listener_up = lambda: bool(self.scp and self.scp.running)   # noqa: E731
+        listener_up = lambda: bool(self.scp and self.scp.accepting)   # noqa: E731
         self.health = HealthMonitor(self.config, self.journal, models=self.model_info(),
-                                    listener_up=listener_up).start()
+                                    listener_up=listener_up, service_problems=self.service_problems,
+                                    notices=self.notices).start()
         app = create_app(self.config, self.journal, self.metrics, health=self.health,
                          models=self.model_info(), listener_up=listener_up,
-                         wake=self._wake_workers)
-        self.web = serve_web(app, self.config.web.host, self.config.web.port)
+                         wake=self._wake_workers, image_decoder=self._decoder("thumbnails"))
+        self.web = serve_web(app, self.config.web.host, self.config.web.port, tls_cert=self.config.web.tls_cert, tls_key=self.config.web.tls_key)
 
     def _wake_workers(self) -> None:
         self.work_available.set()
@@ -148,18 +203,48 @@ class Appliance:
             ae_title=node.ae_title, host=node.host, port=node.port,
             allowed_calling_aets=node.allowed_calling_aets,
             require_called_aet=node.require_called_aet,
-            max_associations=node.max_associations, ssl_context=ssl_context)
+            max_associations=node.max_associations,
+            max_associations_per_peer=node.max_associations_per_peer,
+            association_request_timeout_s=node.association_request_timeout_s,
+            pdu_timeout_s=node.pdu_timeout_s,
+            max_instance_bytes=node.max_instance_mb * 1024 * 1024,
+            ssl_context=ssl_context)
 
     def _start_thread(self, name: str, target) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
+    def service_problems(self) -> list[str]:
+        """Problems of the running parts: dead worker threads, results that cannot be written."""
+        problems = []
+        for part in (self.pipeline, self.outbox):
+            dead = getattr(part, "dead_workers", None)
+            if dead is not None:
+                problems += [f"worker_dead:{name}" for name in dead()]
+        if self.pipeline is not None and self.pipeline.results_write_error is not None:
+            problems.append("results_write_error")
+        return problems
+
+    def notices(self) -> list[str]:
+        """Things the technician and the engineer should know (shown on the status page)."""
+        out = []
+        if self.pipeline is not None and self.pipeline.results_write_error is not None:
+            out.append(self.pipeline.results_write_error[1])
+        recovered = self.recovery.summary()
+        if recovered:
+            out.append(f"Journal recovery: {recovered}")
+        return out
+
     def healthy(self) -> bool:
-        """Listener running and journal readable: what the systemd watchdog vouches for."""
+        """What the systemd watchdog vouches for: no critical problem in the health snapshot
+        (listener accepting, workers alive, analysis not stalled) and a sound journal."""
         try:
-            return bool(self.scp and self.scp.running and self.journal and self.journal.check_integrity())
+            if self.health is None or self.journal is None:
+                return False
+            return not self.health.snapshot()["critical"] and self.journal.check_integrity()
         except Exception:  # noqa: BLE001
+            logger.exception("health check raised")
             return False
 
     def _watchdog_loop(self) -> None:
@@ -175,3 +260,15 @@ class Appliance:
 
 def storage_path(config: Config, rel: str) -> Path:
     return config.storage_dir / rel
+
+
+def _check_storage_dir(storage: Path) -> None:
+    """The storage dir exists (or can be made) and is writable, else a ConfigError."""
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"storage.dir: cannot use {str(storage)!r} for images and the journal "
+                          f"({exc.strerror or exc}); create it, make it writable for this user, "
+                          "or choose another directory") from None

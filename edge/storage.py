@@ -30,24 +30,38 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def write_all_durably(files: dict[Path, bytes]) -> None:
-    """Like ``write_durably`` for several files: each file fsynced and renamed, then each
-    distinct directory fsynced once (the result objects of one image share a folder)."""
-    dirs: set[Path] = set()
-    for path, data in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+    """Like ``write_durably`` for several files, all or nothing.
+
+    Every file is first written and fsynced under a temporary name; only when all of them
+    are on disk are they renamed into place, then each distinct directory is fsynced once
+    (the result objects of one image share a folder). If anything fails (disk full,
+    read-only file system), the temporary files and any file this call already renamed
+    into place are removed and the error is raised: no half-written set is left behind.
+    """
+    temps: dict[Path, Path] = {}
+    placed: list[Path] = []
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temps[path] = tmp
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+        for path, tmp in temps.items():
+            existed = path.exists()
             os.replace(tmp, path)
-        except BaseException:
+            if not existed:
+                placed.append(path)
+        for d in {path.parent for path in files}:
+            fsync_dir(d)
+    except BaseException:
+        for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-            raise
-        dirs.add(path.parent)
-    for d in dirs:
-        fsync_dir(d)
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def free_mb(path: Path) -> float:
@@ -66,10 +80,12 @@ class Spool:
         self._clean_temp_files()
 
     def _clean_temp_files(self) -> None:
-        """Temp files left by a crash were never acknowledged: remove them."""
-        for tmp in self.spool_dir.glob("*/.*.tmp"):
-            logger.info("removing unfinished temporary file from an interrupted transfer")
-            tmp.unlink(missing_ok=True)
+        """Temp files left by a crash were never acknowledged (spool) or never recorded
+        (results): remove them."""
+        for folder in (self.spool_dir, self.root / "results"):
+            for tmp in folder.glob("*/.*.tmp"):
+                logger.info("removing an unfinished temporary file left by an interruption")
+                tmp.unlink(missing_ok=True)
 
     def has_room_for(self, n_bytes: int) -> bool:
         return free_mb(self.root) - n_bytes / MIB >= self.min_free_mb
@@ -78,10 +94,24 @@ class Spool:
         # UIDs are checked by the SCP (digits and dots only), so they are safe path parts.
         return f"spool/{study_uid}/{sop_instance_uid}.dcm"
 
-    def store(self, study_uid: str, sop_instance_uid: str, data: bytes) -> str:
+    def store(self, study_uid: str, sop_instance_uid: str, data: bytes,
+              digest: str | None = None) -> tuple[str, bool]:
+        """Write the instance durably; returns its path relative to the storage dir and
+        whether this call wrote it (False: the same bytes were already there).
+
+        A file is never overwritten with other bytes: when the usual name holds a different
+        version of this instance (same UID, other content), the new one is stored beside it
+        under ``<SOPInstanceUID>.<digest>.dcm`` and both are kept.
+        """
+        digest = digest or self.digest(data)
         rel = self.relative_path(study_uid, sop_instance_uid)
+        path = self.root / rel
+        if path.exists():
+            if path.stat().st_size == len(data) and self.file_digest(path) == digest:
+                return rel, False   # already here, durable since it was acknowledged
+            rel = f"spool/{study_uid}/{sop_instance_uid}.{digest[:16]}.dcm"
         write_durably(self.root / rel, data)
-        return rel
+        return rel, True
 
     def absolute(self, rel: str) -> Path:
         return self.root / rel
@@ -89,3 +119,11 @@ class Spool:
     @staticmethod
     def digest(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
+
+    @staticmethod
+    def file_digest(path: Path) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()

@@ -202,9 +202,12 @@ def edge_server(tmp_path):
 class OrthancPACS:
     """A real Orthanc (Debian package) on loopback with its own temp storage."""
 
-    def __init__(self, tmp: Path, *, aet: str = "PACS"):
+    def __init__(self, tmp: Path, *, aet: str = "PACS", count_stores: bool = False):
         self.tmp = Path(tmp) / "orthanc"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        # Every C-STORE Orthanc receives, duplicates included (Orthanc keeps one copy of an
+        # instance, so its own instance list hides them): a Lua filter appends the UID.
+        self.store_log = self.tmp / "stores.log"
         self.aet = aet
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -215,9 +218,19 @@ class OrthancPACS:
             "IndexDirectory": str(self.tmp / "db"), "StorageCompression": False,
             "HttpPort": self.http_port, "HttpServerEnabled": True, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomAet": aet, "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "Plugins": [],
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+            "Plugins": [],
             "DicomServerEnabled": True, "HttpDescribeErrors": True, "StableAge": 1,
         }
+        if count_stores:
+            lua = self.tmp / "count_stores.lua"
+            lua.write_text('function ReceivedInstanceFilter(dicom, origin, info)\n'
+                           f'  local f = io.open("{self.store_log}", "a")\n'
+                           '  f:write(dicom.SOPInstanceUID .. "\\n")\n'
+                           '  f:close()\n'
+                           '  return true\n'
+                           'end\n')
+            config["LuaScripts"] = [str(lua)]
         self.config = self.tmp / "orthanc.json"
         self.config.write_text(json.dumps(config))
 
@@ -240,6 +253,13 @@ class OrthancPACS:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
+
+    def stores(self) -> list[str]:
+        """SOP Instance UIDs of every C-STORE received, in order, duplicates included
+        (needs ``count_stores=True``)."""
+        if not self.store_log.exists():
+            return []
+        return self.store_log.read_text().split()
 
     def get(self, path: str):
         import requests

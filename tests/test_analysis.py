@@ -204,6 +204,14 @@ def test_boxes_land_in_full_resolution_whatever_the_decode_resolution(models, fi
                 assert abs(a.score - b.score) < 0.1
 
 
+def test_jpeg_lossless_sv1_is_covered(files) -> None:
+    """JPEG Lossless SV1 is what many CR/DX modalities send; its copy is made with DCMTK."""
+    if "jpeg_sv1" not in files:
+        pytest.skip("dcmcjpeg (DCMTK) is not installed: no JPEG Lossless SV1 copy to test")
+    ds = pydicom.dcmread(files["jpeg_sv1"], stop_before_pixels=True)
+    assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+
+
 def test_same_findings_in_every_transfer_syntax(models, files) -> None:
     analyzer = Analyzer(models)
     reference = analyzer.analyze(files["explicit"])

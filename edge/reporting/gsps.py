@@ -20,10 +20,14 @@ from pydicom.valuerep import DA, TM
 from edge.findings import Findings
 
 from . import common
-from .common import Equipment
-from .uids import result_series_uid, result_uid, tracking_uid
+from .equipment import Equipment
+from .inputs import BuildInputs, prepare, with_fallback
+from .metadata import SourceMetadata, instance_number
+from .uids import result_series_uid
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CONTENT_LABEL", "LAYER_NAME", "build_gsps"]
 
 LAYER_NAME = "AI"
 CONTENT_LABEL = "AI_RESULTS"
@@ -31,38 +35,48 @@ CONTENT_LABEL = "AI_RESULTS"
 
 def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Equipment(),
                analysis_time: datetime.datetime | None = None,
+               source_digest: str | None = None,
+               metadata: SourceMetadata | None = None,
                ) -> hd.pr.GrayscaleSoftcopyPresentationState:
-    """Build the presentation state for one analysed image (same inputs, same bytes)."""
-    rows, columns = common.check_inputs(source, findings)
-    if not isinstance(equipment, Equipment):
-        raise TypeError(f"equipment must be an Equipment, got {type(equipment).__name__}")
-    if int(source.get("SamplesPerPixel", 1)) != 1:
-        raise ValueError("source must be a grayscale image (SamplesPerPixel 1) for a GSPS")
-    versions = common.model_versions(findings)
-    demo = common.is_demonstration(findings)
-    when = common.content_datetime(source, analysis_time)
+    """Build the presentation state for one analysed image (same inputs, same bytes).
 
-    ref = common.stand_in(source)   # what highdicom reads; see common.stand_in
+    ``source_digest`` and ``metadata`` as for ``build_sr``.
+    """
+    inputs = prepare(source, findings, equipment=equipment, analysis_time=analysis_time,
+                     source_digest=source_digest, meta=metadata)
+    samples = inputs.source.get("SamplesPerPixel", 1)
+    if samples not in (None, "") and int(samples) != 1:
+        raise ValueError("source must be a grayscale image (SamplesPerPixel 1) for a GSPS")
+    gsps = with_fallback("gsps", inputs, _build)
+    logger.debug("built GSPS %s for %s", gsps.SOPInstanceUID, inputs.source_uid)
+    return gsps
+
+
+def _build(inputs: BuildInputs) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    findings, equipment, when, demo = inputs.findings, inputs.equipment, inputs.when, inputs.demo
+    rows, columns = inputs.meta.rows, inputs.meta.columns
+    checked = inputs.source
+    ref = common.stand_in(inputs)   # what highdicom reads; see common.stand_in
     layer = hd.pr.GraphicLayer(
         layer_name=LAYER_NAME, order=1,
         description="AI findings" + (f" - {common.DEMO_NOTE}" if demo else ""),
     )
-    graphics, texts = _nodule_objects(source, findings, versions, rows, columns)
+    graphics, texts = _nodule_objects(inputs, rows, columns)
     texts.extend(_summary_texts(findings, demo))
     annotation = hd.pr.GraphicAnnotation(
         referenced_images=[ref], graphic_layer=layer,
         graphic_objects=graphics or None, text_objects=texts,
     )
-    monochrome1 = source.get("PhotometricInterpretation") == "MONOCHROME1"
+    monochrome1 = checked.get("PhotometricInterpretation") == "MONOCHROME1"
     presentation_lut = hd.PresentationLUTTransformation(
         presentation_lut_shape=(hd.PresentationLUTShapeValues.INVERSE if monochrome1
                                 else hd.PresentationLUTShapeValues.IDENTITY))
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[ref],
-        series_instance_uid=result_series_uid(source.StudyInstanceUID, "gsps", versions),
+        series_instance_uid=result_series_uid(ref.StudyInstanceUID, "gsps", inputs.versions),
         series_number=common.SERIES_NUMBERS["gsps"],
-        sop_instance_uid=result_uid(source.SOPInstanceUID, versions, "gsps"),
-        instance_number=common.instance_number(source),
+        sop_instance_uid=inputs.result_uid("gsps"),
+        instance_number=instance_number(checked),
         manufacturer=equipment.manufacturer,
         manufacturer_model_name=equipment.model_name,
         software_versions=equipment.software_version,
@@ -72,7 +86,7 @@ def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Eq
         content_description=("AI findings" + (f" - {common.DEMO_NOTE}" if demo else ""))[:64],
         graphic_annotations=[annotation],
         graphic_layers=[layer],
-        voi_lut_transformations=_voi_from_window(source),
+        voi_lut_transformations=_voi(checked),
         presentation_lut_transformation=presentation_lut,
         series_description=common.series_description("gsps", demo),
         series_date=when.date(),
@@ -80,45 +94,67 @@ def build_gsps(source: Dataset, findings: Findings, *, equipment: Equipment = Eq
         coding_schemes=common.coding_schemes(),
     )
     _add_box_overlay(gsps, findings, rows, columns)
-    common.copy_series_anatomy(gsps, source)
+    common.copy_series_anatomy(gsps, checked)
     gsps.PresentationCreationDate = DA(when.date())
     gsps.PresentationCreationTime = TM(when.time())
-    common.finish(gsps, source, equipment, when)
-    logger.debug("built GSPS %s for %s", gsps.SOPInstanceUID, source.SOPInstanceUID)
+    common.finish(gsps, inputs)
     return gsps
 
 
-def _voi_from_window(source: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
-    """The source's VOI window(s) as the state's VOI, so it displays like the source.
+def _voi(checked: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    """The source's VOI as the state's VOI, so that it displays like the source.
 
     The window is preferred over a VOI LUT Sequence when a source has both (many DR
     images do; highdicom refuses to choose): the window is what the models' input and
-    most viewers use by default. ``None`` lets highdicom copy a LUT-only VOI, if any.
+    most viewers use by default. Both were checked in ``metadata.read_source``; the
+    highdicom input carries neither (``common.stand_in``), so this is the only VOI.
     """
-    if not (source.get("WindowCenter") and source.get("WindowWidth")):
+    return _voi_from_window(checked) or _voi_from_lut(checked)
+
+
+def _voi_from_window(checked: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    if not (checked.get("WindowCenter") and checked.get("WindowWidth")):
         return None
 
     def values(keyword: str) -> list:
-        value = source.get(keyword)
+        value = checked.get(keyword)
         return list(value) if isinstance(value, MultiValue) else [value]
 
-    centers = [float(v) for v in values("WindowCenter")]
-    widths = [float(v) for v in values("WindowWidth")]
-    if len(centers) != len(widths):
-        raise ValueError("source WindowCenter and WindowWidth have different lengths")
+    # Always lists: highdicom 0.28 writes a single explanation string as a list of
+    # its characters.
     explanations = None
-    if source.get("WindowCenterWidthExplanation"):
+    if checked.get("WindowCenterWidthExplanation"):
         explanations = [str(v) for v in values("WindowCenterWidthExplanation")]
-        if len(explanations) != len(centers):
-            explanations = None
-    function = source.get("VOILUTFunction") or None
     return [hd.pr.SoftcopyVOILUTTransformation(
-        window_center=centers if len(centers) > 1 else centers[0],
-        window_width=widths if len(widths) > 1 else widths[0],
-        window_explanation=(explanations if explanations is None or len(explanations) > 1
-                            else explanations[0]),
-        voi_lut_function=function,
+        window_center=[float(v) for v in values("WindowCenter")],
+        window_width=[float(v) for v in values("WindowWidth")],
+        window_explanation=explanations,
+        voi_lut_function=checked.get("VOILUTFunction") or None,
     )]
+
+
+def _voi_from_lut(checked: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    """The source's VOI LUT(s), rescaled to 16-bit entries.
+
+    highdicom writes 16-bit LUT entries; a 12-bit LUT copied as-is would display at a
+    sixteenth of its brightness (and dciodvfy rejects it), so the entries are scaled to
+    the full 16-bit range, which keeps the displayed result.
+    """
+    luts = []
+    for item in checked.get("VOILUTSequence") or ():
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        data = item.LUTData
+        table = (np.frombuffer(data, dtype="<u2") if isinstance(data, bytes)
+                 else np.asarray(list(data), dtype=np.int64)).astype(np.float64)
+        if not 0 <= first < 2 ** 16 or not 8 <= bits <= 16:
+            return None
+        table = np.clip(np.round(table * (65535.0 / (2 ** bits - 1))), 0, 65535)
+        explanation = item.get("LUTExplanation") or None
+        luts.append(hd.VOILUT(first, table.astype(np.uint16),
+                              str(explanation) if explanation else None))
+    if not luts:
+        return None
+    return [hd.pr.SoftcopyVOILUTTransformation(voi_luts=luts)]
 
 
 def _add_box_overlay(gsps: Dataset, findings: Findings, rows: int, columns: int) -> None:
@@ -158,22 +194,19 @@ def _add_box_overlay(gsps: Dataset, findings: Findings, rows: int, columns: int)
     gsps.add_new(0x60003000, "OW", pack_bits(bitmap.ravel()))  # OverlayData
 
 
-def _nodule_objects(source: Dataset, findings: Findings, versions: list[str], rows: int,
-                    columns: int) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
+def _nodule_objects(inputs: BuildInputs, rows: int, columns: int,
+                    ) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
     """A closed box and a label above it (below it at the top edge) per nodule."""
     graphics: list[hd.pr.GraphicObject] = []
     texts: list[hd.pr.TextObject] = []
     text_height = max(12.0, round(rows * 0.03))
-    for index, nodule in enumerate(findings.nodules, start=1):
+    for index, nodule in enumerate(inputs.findings.nodules, start=1):
         box = common.clip_box(nodule.box, rows, columns)
-        if box[0] == box[2] or box[1] == box[3]:
-            raise ValueError(f"nodule {index} box {nodule.box!r} is empty inside the image")
-        uid = tracking_uid(source.SOPInstanceUID, versions, f"nodule-{index}")
         graphics.append(hd.pr.GraphicObject(
             graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
             graphic_data=common.box_polyline(box),
             units=hd.pr.AnnotationUnitsValues.PIXEL,
-            tracking_id=f"Nodule {index}", tracking_uid=uid,
+            tracking_id=f"Nodule {index}", tracking_uid=inputs.tracking_uid(f"nodule-{index}"),
         ))
         label = common.nodule_label(nodule)
         width = min(float(columns), max(box[2] - box[0], text_height * 0.6 * len(label)))
@@ -189,8 +222,8 @@ def _nodule_objects(source: Dataset, findings: Findings, versions: list[str], ro
             bounding_box=(round(left, 2), round(top, 2), round(left + width, 2),
                           round(bottom, 2)),
             text_justification=hd.pr.TextJustificationValues.LEFT,
-            tracking_id=f"Nodule {index} label", tracking_uid=tracking_uid(
-                source.SOPInstanceUID, versions, f"nodule-{index}-label"),
+            tracking_id=f"Nodule {index} label",
+            tracking_uid=inputs.tracking_uid(f"nodule-{index}-label"),
         ))
     return graphics, texts
 

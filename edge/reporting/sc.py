@@ -8,6 +8,7 @@ because the reduced image is not meant for measuring.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 
 import highdicom as hd
@@ -20,36 +21,50 @@ from edge.findings import Findings
 
 from . import common
 from .annotate import annotate_image
-from .common import Equipment
-from .uids import result_series_uid, result_uid
+from .equipment import Equipment
+from .inputs import BuildInputs, prepare, with_fallback
+from .metadata import SourceMetadata, instance_number
+from .uids import result_series_uid
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["build_sc"]
+
+
 def build_sc(source: Dataset, findings: Findings, unit_image: np.ndarray, *,
              equipment: Equipment = Equipment(), max_side: int = 1024,
-             analysis_time: datetime.datetime | None = None) -> hd.sc.SCImage:
-    """Build the secondary capture for one analysed image (same inputs, same bytes)."""
-    rows, columns = common.check_inputs(source, findings)
-    if not isinstance(equipment, Equipment):
-        raise TypeError(f"equipment must be an Equipment, got {type(equipment).__name__}")
-    versions = common.model_versions(findings)
-    demo = common.is_demonstration(findings)
-    when = common.content_datetime(source, analysis_time)
-    picture = annotate_image(unit_image, findings, max_side=max_side, color=False,
-                             full_size=(rows, columns))
-    pixels = np.asarray(picture, dtype=np.uint8)
-    orientation = _patient_orientation(source)
+             analysis_time: datetime.datetime | None = None,
+             source_digest: str | None = None,
+             metadata: SourceMetadata | None = None) -> hd.sc.SCImage:
+    """Build the secondary capture for one analysed image (same inputs, same bytes).
 
+    ``source_digest`` and ``metadata`` as for ``build_sr``.
+    """
+    inputs = prepare(source, findings, equipment=equipment, analysis_time=analysis_time,
+                     source_digest=source_digest, meta=metadata)
+    picture = annotate_image(unit_image, findings, max_side=max_side, color=False,
+                             full_size=(inputs.meta.rows, inputs.meta.columns))
+    pixels = np.asarray(picture, dtype=np.uint8)
+    sc = with_fallback("sc", inputs, lambda i: _build(i, pixels))
+    logger.debug("built SC %s for %s", sc.SOPInstanceUID, inputs.source_uid)
+    return sc
+
+
+def _build(inputs: BuildInputs, pixels: np.ndarray) -> hd.sc.SCImage:
+    equipment, when, demo = inputs.equipment, inputs.when, inputs.demo
+    checked = inputs.source
+    orientation = _patient_orientation(checked)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=common.stand_in(source),   # see common.stand_in
+        ref_dataset=common.stand_in(inputs),   # see common.stand_in
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=result_series_uid(source.StudyInstanceUID, "sc", versions),
+        series_instance_uid=result_series_uid(checked.StudyInstanceUID, "sc", inputs.versions),
         series_number=common.SERIES_NUMBERS["sc"],
-        sop_instance_uid=result_uid(source.SOPInstanceUID, versions, "sc"),
-        instance_number=common.instance_number(source),
+        sop_instance_uid=inputs.result_uid(
+            "sc", pixels=hashlib.sha256(pixels.tobytes()).hexdigest(), shape=pixels.shape),
+        instance_number=instance_number(checked),
         manufacturer=equipment.manufacturer,
         # highdicom needs an orientation for PATIENT; replaced below when unknown.
         patient_orientation=orientation or ("L", "F"),
@@ -74,22 +89,21 @@ def build_sc(source: Dataset, findings: Findings, unit_image: np.ndarray, *,
     sc.SecondaryCaptureDeviceManufacturerModelName = equipment.model_name
     sc.SecondaryCaptureDeviceSoftwareVersions = equipment.software_version
     sc.DerivationDescription = (
-        f"Source image reduced to {pixels.shape[1]}x{pixels.shape[0] } px with AI findings "
+        f"Source image reduced to {pixels.shape[1]}x{pixels.shape[0]} px with AI findings "
         "and a banner burned in")[:1024]
     sc.ImageComments = "AI result - not for diagnosis" + (f" - {common.DEMO_NOTE}" if demo else "")
     reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference.ReferencedSOPClassUID = checked.SOPClassUID
+    reference.ReferencedSOPInstanceUID = checked.SOPInstanceUID
     sc.SourceImageSequence = [reference]
-    common.copy_series_anatomy(sc, source)
-    common.finish(sc, source, equipment, when)
-    logger.debug("built SC %s for %s", sc.SOPInstanceUID, source.SOPInstanceUID)
+    common.copy_series_anatomy(sc, checked)
+    common.finish(sc, inputs)
     return sc
 
 
-def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
-    """The source's Patient Orientation if it is two valid values, else None."""
-    value = source.get("PatientOrientation")
+def _patient_orientation(checked: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation if it is two single-letter values, else None."""
+    value = checked.get("PatientOrientation")
     if not value or isinstance(value, str) or len(value) != 2:
         return None
     row, column = (str(v) for v in value)

@@ -83,29 +83,31 @@ def retry(delivery_id: int):
 
 @bp.route("/healthz")
 def healthz():
-    """200 when the journal passes its integrity check and the listener is up, else 503."""
+    """200 when the box does its job, else 503 naming what is wrong.
+
+    Fails on the critical problems of the health snapshot (listener not accepting, a worker
+    dead, analysis stalled, journal unreadable) and on a failed journal integrity check;
+    other problems (a PACS unreachable, results waiting for disk space) are listed as
+    warnings. The same rule decides whether the systemd watchdog is petted.
+    """
     state = _state()
-    problems: list[str] = []
     body: dict[str, Any] = {}
     try:
+        snap = state.health_snapshot()
+    except Exception as exc:   # noqa: BLE001 - the probe must answer whatever broke
+        logger.exception("health snapshot failed")
+        snap = {"critical": ["health_check_failed"], "problems": [f"health_check_failed: {type(exc).__name__}"]}
+    problems = list(snap.get("critical", []))
+    try:
         if not state.journal.check_integrity():
-            problems.append("journal failed its integrity check")
-    except Exception as exc:
-        problems.append(f"journal unreadable: {exc}")
-    try:
-        listener = bool(state.listener_up())
-    except Exception as exc:
-        listener = False
-        problems.append(f"listener check raised: {exc}")
-    if not listener:
-        problems.append("DICOM listener is not running")
-    body["listener_up"] = listener
-    try:
-        body["queues"] = {"analysis": sum(n for s, n in state.journal.count_instances_by_state().items()
-                                          if s in ("received", "analyzing"))}
-        body["oldest_pending_delivery_s"] = state.journal.oldest_pending_delivery_age()
-    except Exception:
-        pass   # already reported as unreadable above
+            problems.append("journal_integrity")
+    except Exception:   # noqa: BLE001
+        problems.append("journal_unreadable")
+    for key in ("listener_up", "queues", "oldest_pending_delivery_s", "oldest_waiting_analysis_s"):
+        if key in snap:
+            body[key] = snap[key]
     body["status"] = "ok" if not problems else "unhealthy"
     body["problems"] = problems
+    body["warnings"] = [p for p in snap.get("problems", []) if p not in problems]
+    body["notices"] = snap.get("notices", [])
     return jsonify(body), (200 if not problems else 503)

@@ -3,6 +3,10 @@
 The password hash comes from ``web.password_hash`` in the config or, when that is unset,
 from ``<storage.dir>/web_password.hash``, which ``ensure_password`` creates (mode 0600)
 with a random password at the first start.
+
+A login is a row in the server-side ``SessionStore`` (see ``sessions.py``); the signed
+cookie carries only its random id (and the CSRF token), so logout and expiry take effect
+on the server, whatever copies of the cookie exist.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from urllib.parse import urlsplit
 
 from flask import (Blueprint, Flask, abort, current_app, flash, g, jsonify, redirect,
                    render_template, request, session, url_for)
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.security import check_password_hash, generate_password_hash
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,8 +129,23 @@ def _json_error(status: int, message: str):
 
 # ---------------------------------------------------------------------- login
 
+def current_user() -> str | None:
+    """Who is logged in on this request, checked once against the server-side store.
+
+    A cookie whose login has ended (logout, expiry) loses its session id here, so the
+    browser stops sending it; the CSRF token stays.
+    """
+    if "edge_user" not in g:
+        session_id = session.get("sid")
+        user = current_app.extensions["edge"].sessions.user_for(session_id)
+        if session_id and user is None:
+            session.pop("sid", None)
+        g.edge_user = user
+    return g.edge_user
+
+
 def logged_in() -> bool:
-    return bool(session.get("user"))
+    return current_user() is not None
 
 
 def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -191,7 +211,8 @@ def login():
                 limiter.reset(addr)
                 session.clear()
                 session.permanent = True
-                session["user"] = "technician"
+                session["sid"] = current_app.extensions["edge"].sessions.start("technician")
+                g.pop("edge_user", None)
                 logger.info("web login from %s", addr)
                 return redirect(_safe_next(request.form.get("next")))
             limiter.failed(addr)
@@ -204,7 +225,9 @@ def login():
 @bp.route("/logout", methods=["POST"])
 def logout():
     check_csrf()
+    current_app.extensions["edge"].sessions.end(session.get("sid"))
     session.clear()
+    g.pop("edge_user", None)
     return redirect(url_for("auth.login"))
 
 
@@ -229,6 +252,19 @@ def bearer_protected(app: Callable, token: str | None) -> Callable:
     return wrapped
 
 
+class CookieSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie, marked ``Secure`` whenever the request came over HTTPS.
+
+    ``WebServer`` sets ``wsgi.url_scheme`` to the scheme it really serves, so a client
+    cannot talk it out of the flag; over plain HTTP the cookie must not be Secure, or the
+    browser would drop it and the login would never stick.
+    """
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or request.is_secure
+
+
 def init_app(app: Flask) -> None:
+    app.session_interface = CookieSessionInterface()
     app.register_blueprint(bp)
     app.jinja_env.globals["csrf_token"] = csrf_token

@@ -49,6 +49,13 @@ STRINGS: dict[str, dict[str, str]] = {
         "state_skipped": "skipped", "state_failed": "failed",
         "delivery_none": "not queued", "delivery_pending": "waiting to send",
         "delivery_retrying": "retrying", "delivery_sent": "sent", "delivery_gave_up": "GAVE UP",
+        "delivery_superseded": "replaced, not sent",
+        "conflict_note": "This image was received {n} more time(s) with different content under "
+                         "the same UID. Every version is kept; the latest one is analysed and its "
+                         "results replace the earlier ones.",
+        "replaced_results": "Replaced results (earlier analyses of this image)",
+        "notices": "Notices",
+        "workers": "Analysis workers", "stalled": "STALLED",
         "system": "System",
         "listener": "DICOM receiver",
         "up": "running", "down": "DOWN",
@@ -111,6 +118,13 @@ STRINGS: dict[str, dict[str, str]] = {
         "delivery_none": "chưa xếp hàng", "delivery_pending": "đang chờ gửi",
         "delivery_retrying": "đang thử gửi lại", "delivery_sent": "đã gửi",
         "delivery_gave_up": "ĐÃ NGỪNG GỬI",
+        "delivery_superseded": "đã thay thế, không gửi",
+        "conflict_note": "Ảnh này đã được nhận thêm {n} lần với nội dung khác nhưng cùng UID. "
+                         "Mọi phiên bản đều được lưu; phiên bản mới nhất được phân tích và kết quả "
+                         "của nó thay thế kết quả trước.",
+        "replaced_results": "Kết quả đã được thay thế (các lần phân tích trước của ảnh này)",
+        "notices": "Thông báo",
+        "workers": "Tiến trình phân tích", "stalled": "BỊ TREO",
         "system": "Hệ thống",
         "listener": "Bộ nhận DICOM",
         "up": "đang chạy", "down": "NGỪNG HOẠT ĐỘNG",

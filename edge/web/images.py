@@ -13,12 +13,13 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from edge.findings import Findings
-from edge.imaging import ImagingError, load_for_models
+from edge.imaging import ImageForModels, ImagingError, load_for_models
 from edge.journal import InstanceRow
 from edge.reporting.annotate import annotate_image
 
@@ -47,10 +48,12 @@ def image_version(row: InstanceRow) -> str:
 class ImageCache:
     """Renders JPEGs of instances into ``<storage>/thumbs/`` and reuses them."""
 
-    def __init__(self, storage_dir: Path, max_files: int = MAX_CACHED_FILES) -> None:
+    def __init__(self, storage_dir: Path, max_files: int = MAX_CACHED_FILES, *,
+                 decoder: Callable[..., ImageForModels] | None = None) -> None:
         if max_files < 1:
             raise ValueError(f"max_files: must be >= 1, got {max_files}")
         self.storage_dir = Path(storage_dir)
+        self._load = decoder or load_for_models   # untrusted pixels: see edge.decoder
         self.dir = self.storage_dir / "thumbs"
         self.max_files = max_files
         self._locks: dict[str, threading.Lock] = {}
@@ -110,7 +113,7 @@ class ImageCache:
         if not source.is_file():
             raise ImageUnavailable(f"stored image file is missing ({row.path})")
         try:
-            image = load_for_models(source, min_side=max_side)
+            image = self._load(source, min_side=max_side)
         except ImagingError as exc:
             raise ImageUnavailable(str(exc)) from None
         unit = image.unit_image

@@ -38,6 +38,8 @@ def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool
     findings = row.findings or {}
     tb = findings.get("tb") or None
     analyzed = row.state == "analyzed"
+    history = deliveries
+    deliveries = [d for d in deliveries if d.current]   # objects of the latest analysis
     per_dest: dict[str, set[str]] = {}
     for d in deliveries:
         per_dest.setdefault(d.destination, set()).add(d.state)
@@ -62,6 +64,7 @@ def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool
         "received_at": row.received_at,
         "analyzed_at": row.analyzed_at,
         "timings_ms": row.timings,
+        "conflicts": row.conflicts,
         "delivery": delivery_word({d.state for d in deliveries}),
         "delivery_by_destination": {dest: delivery_word(states) for dest, states in sorted(per_dest.items())},
         "end_to_end_s": (max(sent_times) - row.received_at) if delivered_all and sent_times else None,
@@ -72,4 +75,5 @@ def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool
     if full:
         view["findings"] = row.findings
         view["deliveries"] = [d.to_dict() for d in deliveries]
+        view["replaced_deliveries"] = [d.to_dict() for d in history if not d.current]
     return view

@@ -118,9 +118,14 @@
     if (p.gpu_utilization_percent !== null && p.gpu_utilization_percent !== undefined) {
       item(t("gpu_load"), esc(Math.round(p.gpu_utilization_percent) + " %"), false);
     }
+    (h.problems || []).forEach(function (p) {
+      if (p.indexOf("worker_dead") === 0) { item(t("workers"), esc(t("down")), true); }
+      if (p === "analysis_stalled") { item(t("analysis_queue"), esc(t("stalled")), true); }
+    });
     var head = '<h2 class="' + (h.ok ? "ok" : "bad") + '">' + esc(t("system")) + ": " +
       esc(h.ok ? t("all_ok") : t("problems")) + "</h2>";
-    return head + '<div class="hgrid">' + items.join("") + "</div>";
+    var notes = (h.notices || []).map(function (n) { return '<p class="banner banner-warning notice">' + esc(n) + "</p>"; });
+    return head + notes.join("") + '<div class="hgrid">' + items.join("") + "</div>";
   }
 
   function put(el, key, html) {
