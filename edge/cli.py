@@ -10,7 +10,6 @@ import logging
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, load_config
@@ -76,9 +75,8 @@ def setup_logging(config: Config) -> None:
         level=getattr(logging, config.logging.level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # pynetdicom's INFO/DEBUG lines echo request details; keep them out of the service log.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    from .logs import quiet_libraries
+    quiet_libraries()
 
 
 def main(args: list[str] | None = None) -> int:
@@ -222,7 +220,8 @@ def cmd_engines(ns, config: Config) -> int:
     from engines import commands as engine_commands
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     return engine_commands.run(ns, models_dir=config.models_dir, cache_dir=config.engine_cache_dir,
-                               backend=config.models.backend)
+                               backend=config.models.backend, precision=config.models.precision,
+                               calibration_dir=config.models.calibration_dir)
 
 
 _COMMANDS = {

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("sr", "gsps", "sc")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp16", "fp32", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")   # default character repertoire, no backslash
 # werkzeug.security hashes: "method[:params]$salt$hash"
@@ -83,7 +84,7 @@ class AnalysisConfig:
     """Limits on analysing one image (the pixel decoder runs in a separate process)."""
     decode_timeout_s: float = 30.0       # a decoder that hangs longer is killed: image failed
     decode_memory_mb: int = 4096         # address-space limit of the decoder process
-    stalled_after_s: float = 600.0       # health fails when an image waits longer than this
+    stalled_after_s: float = 300.0       # health fails when an image waits longer than this
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class ModelsConfig:
     engine_cache_dir: str | None = None   # None: <storage.dir>/engines
     tb_threshold: float | None = None     # None: the manifest's threshold
     workers: int = 1
+    precision: str = "fp16"               # TensorRT engines: fp16, fp32 (no TF32) or int8
+    calibration_dir: str | None = None    # INT8: folder of .npy model-input tensors
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ class Config:
         node, models = self.node, self.models
         object.__setattr__(self, "storage", replace(self.storage, dir=_absolute(self.storage.dir)))
         object.__setattr__(self, "models", replace(
-            models, dir=_absolute(models.dir), engine_cache_dir=_absolute(models.engine_cache_dir)))
+            models, dir=_absolute(models.dir), engine_cache_dir=_absolute(models.engine_cache_dir),
+            calibration_dir=_absolute(models.calibration_dir)))
         object.__setattr__(self, "node", replace(
             node, tls_cert=_absolute(node.tls_cert), tls_key=_absolute(node.tls_key),
             tls_ca=_absolute(node.tls_ca)))
@@ -365,12 +369,16 @@ def _web(d: dict) -> WebConfig:
 def _identity(d: dict) -> IdentityConfig:
     _reject_unknown("identity", d, IdentityConfig)
     kw: dict[str, Any] = {}
+    # DICOM lengths (SH 16, LO 64) are checked as UTF-8 bytes, as validators count them: a
+    # Vietnamese letter with its marks takes 2-3 bytes.
     for k, limit in (("serial_number", 64), ("station_name", 16), ("institution_name", 64)):
         if k in d:
             value = _check_type(f"identity.{k}", d[k], str, "a string").strip()
-            if not value or len(value) > limit or "\\" in value or any(ord(c) < 32 for c in value):
-                raise ConfigError(f"identity.{k}: {value!r} must be 1-{limit} characters, "
-                                  "without backslashes or control characters")
+            if (not value or len(value.encode("utf-8")) > limit or "\\" in value
+                    or any(ord(c) < 32 for c in value)):
+                raise ConfigError(f"identity.{k}: {value!r} must be 1-{limit} bytes in UTF-8 "
+                                  "(a Vietnamese letter takes 2-3), without backslashes or "
+                                  "control characters")
             kw[k] = value
     return IdentityConfig(**kw)
 
@@ -399,7 +407,20 @@ def _models(d: dict) -> ModelsConfig:
         kw["tb_threshold"] = _float_range("models.tb_threshold", d["tb_threshold"], 0.0, 1.0, open_lo=True)
     if "workers" in d:
         kw["workers"] = _int_range("models.workers", d["workers"], 1, 8)
-    return ModelsConfig(**kw)
+    if "precision" in d:
+        kw["precision"] = _choice("models.precision", d["precision"], PRECISIONS)
+    if "calibration_dir" in d:
+        kw["calibration_dir"] = _opt_path("models.calibration_dir", d["calibration_dir"])
+        if kw["calibration_dir"] and not Path(kw["calibration_dir"]).expanduser().is_dir():
+            raise ConfigError(f"models.calibration_dir: folder {kw['calibration_dir']!r} does not exist")
+    out = ModelsConfig(**kw)
+    if out.precision == "int8" and not out.calibration_dir:
+        raise ConfigError("models.precision: int8 needs models.calibration_dir (a folder of .npy "
+                          "model-input tensors); without one use fp16")
+    if out.calibration_dir and out.precision != "int8":
+        raise ConfigError(f"models.calibration_dir: a calibration set is only used with precision "
+                          f"int8, not {out.precision}")
+    return out
 
 
 def _triage(d: dict) -> TriageRules:

@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     conn = Connection(int(args[0]))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import quiet_libraries
+    quiet_libraries()
     _child_main(conn, int(args[1]))
     return 0
 

@@ -130,19 +130,24 @@ def is_critical(problem: str) -> bool:
 class HealthMonitor:
     """Cached health of the box: listener, destinations, queues, disk, models, platform."""
 
-    def __init__(self, config: "Config", journal: "Journal", *, models: list[dict] | None = None,
+    def __init__(self, config: "Config", journal: "Journal", *,
+                 models: list[dict] | Callable[[], list[dict]] | None = None,
                  listener_up: Callable[[], bool] = lambda: True,
                  service_problems: Callable[[], list[str]] = lambda: [],
                  notices: Callable[[], list[str]] = lambda: [],
+                 last_progress: Callable[[], float | None] = lambda: None,
                  interval_s: float = 30.0, echo_timeout_s: float = 5.0) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s: must be > 0, got {interval_s}")
         self.config = config
         self.journal = journal
-        self.models = list(models or [])
+        # the models and their backends: a list, or a callable when they can change (a
+        # TensorRT engine finished building in the background)
+        self._models = models if callable(models) else list(models or [])
         self.listener_up = listener_up
         self.service_problems = service_problems
         self.notices = notices
+        self.last_progress = last_progress
         self.interval_s = float(interval_s)
         self.echo_timeout_s = float(echo_timeout_s)
         self._lock = threading.Lock()
@@ -153,6 +158,10 @@ class HealthMonitor:
             d.name: self._dest_entry(d, None, None) for d in config.destinations}
         self._platform: dict[str, Any] = {"source": None, "temperatures": [], "gpu_utilization_percent": None}
         self._checked_at: float | None = None
+
+    @property
+    def models(self) -> list[dict]:
+        return list(self._models() if callable(self._models) else self._models)
 
     @staticmethod
     def _dest_entry(dest: "Destination", reachable: bool | None, checked_at: float | None) -> dict[str, Any]:
@@ -230,7 +239,7 @@ class HealthMonitor:
             per_dest = delivery_counts_by_destination(self.journal, (d.name for d in self.config.destinations))
             oldest = self.journal.oldest_pending_delivery_age()
             waiting = self.journal.oldest_waiting_age()
-            if waiting is not None and waiting > self.config.analysis.stalled_after_s:
+            if self._stalled(waiting):
                 problems.append("analysis_stalled")
             queues = {"analysis": by_state.get("received", 0) + by_state.get("analyzing", 0),
                       "instances": by_state,
@@ -254,10 +263,20 @@ class HealthMonitor:
             notices = []
         return {"listener_up": listener, "destinations": destinations, "queues": queues,
                 "oldest_pending_delivery_s": oldest, "oldest_waiting_analysis_s": waiting,
-                "disk": disk, "models": list(self.models),
+                "disk": disk, "models": self.models,
                 "platform": platform, "checked_at": checked_at, "now": time.time(),
                 "ok": not problems, "problems": problems,
                 "critical": [p for p in problems if is_critical(p)], "notices": notices}
+
+    def _stalled(self, waiting: float | None) -> bool:
+        """Images wait and none has been finished for ``stalled_after_s``. A long backlog
+        that is being worked through (or images recovered with their old receive times)
+        is progress, not a stall: only the time since the last finished image counts."""
+        limit = self.config.analysis.stalled_after_s
+        if waiting is None or waiting <= limit:
+            return False
+        last = self.last_progress()
+        return last is None or time.time() - last > limit
 
     def _disk(self) -> dict[str, Any]:
         reserve = self.config.storage.min_free_mb * 1024 * 1024

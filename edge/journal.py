@@ -570,12 +570,13 @@ class Journal:
             return cur.rowcount == 1
 
     def resend_instance_results(self, sop_instance_uid: str, *, now: float | None = None) -> int:
-        """Send every result object of an instance again to every destination."""
+        """Send every current result object of an instance again to every destination
+        (objects replaced by a later analysis are not sent again)."""
         now = time.time() if now is None else now
         with self._tx() as db:
             cur = db.execute("UPDATE deliveries SET state='pending', next_attempt_at=?, created_at=?,"
-                             " updated_at=?, last_error=NULL WHERE sop_instance_uid=?",
-                             (now, now, now, sop_instance_uid))
+                             " updated_at=?, last_error=NULL WHERE sop_instance_uid=?"
+                             " AND replaced_at IS NULL", (now, now, now, sop_instance_uid))
             return cur.rowcount
 
     def sent_results(self, sop_instance_uid: str, object_type: str) -> list[DeliveryRow]:

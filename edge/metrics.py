@@ -263,6 +263,12 @@ def _health_families(snap: dict[str, Any]):
         yield GaugeMetricFamily("edge_healthy", "No critical problem: listener accepting, workers"
                                 " alive, analysis not stalled (1), else 0",
                                 value=0.0 if snap["critical"] else 1.0)
+    if "problems" in snap:
+        problem = GaugeMetricFamily("edge_health_problem", "A problem the box reports now (1); see"
+                                    " /healthz for which ones are critical", labels=["problem"])
+        for code in sorted(set(snap["problems"])):
+            problem.add_metric([_safe_label(code.replace(":", "_"), "problem")], 1.0)
+        yield problem
     if "oldest_waiting_analysis_s" in snap:
         yield GaugeMetricFamily("edge_oldest_waiting_analysis_seconds", "How long the oldest image"
                                 " waiting for analysis has waited (0 when none)",

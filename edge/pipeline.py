@@ -23,7 +23,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from .config import OUTPUT_TYPES, Config
@@ -68,6 +67,8 @@ class Pipeline:
         self._disk_failures = 0
         #: (when, message) of the last failure to write results, None once writing works
         self.results_write_error: tuple[float, str] | None = None
+        #: when an image last reached a final state (or the pipeline started): stall checks
+        self.last_progress = time.time()
         dests = config.destinations
         self.outputs = tuple(o for o in OUTPUT_TYPES if not dests or any(o in d.outputs for d in dests))
 
@@ -208,6 +209,7 @@ class Pipeline:
         else:
             plan = [(o, LOCAL_DESTINATION) for o in objects]
         self._complete(job.row, findings, timings, plan)
+        self.last_progress = time.time()
         if self.metrics is not None:
             for stage, ms in timings.items():
                 if stage in ("decode", "preprocess", "tb", "nodule", "report"):
@@ -261,6 +263,7 @@ class Pipeline:
     def _finish(self, row: InstanceRow, state: str, reason: str | None,
                 findings: Findings | None = None) -> None:
         logger.info("%s %s: %s", state, row.sop_instance_uid, reason)
+        self.last_progress = time.time()
         self.journal.finish_instance(row.sop_instance_uid, state, reason=reason,
                                      findings=findings.to_dict() if findings else None,
                                      timings_ms=findings.timings_ms if findings else None)

@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, ValueError, OSError):   # pragma: no cover - non-Linux
         pass
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    from .logs import quiet_libraries
+    quiet_libraries()
     from dataclasses import replace
 
     from engines.store import load_models

@@ -155,7 +155,10 @@ class Appliance:
 
         cfg = self.config
         try:
-            self.models = load_models(cfg.models_dir, cfg.models.backend, cache_dir=cfg.engine_cache_dir)
+            self.models = load_models(cfg.models_dir, cfg.models.backend, cache_dir=cfg.engine_cache_dir,
+                                      precision=cfg.models.precision,
+                                      calibration_dir=cfg.models.calibration_dir,
+                                      build_in_background=True, on_switch=self._model_switched)
         except (ManifestError, ModelIntegrityError, OSError) as exc:
             raise ConfigError(f"models could not be loaded from {cfg.models_dir}: {exc}") from exc
         decoder = self._decoder("analysis").start()
@@ -176,14 +179,20 @@ class Appliance:
         return [{"name": m.manifest.name, "version": m.manifest.version, "backend": m.backend}
                 for m in self.models.values()]
 
+    def _model_switched(self, model) -> None:
+        """A background engine build finished: the model now runs on TensorRT."""
+        self.metrics.set_model_info(self.model_info())
+
     def _start_web(self) -> None:
         from .health import HealthMonitor
         from .web import create_app, serve_web
 
         listener_up = lambda: bool(self.scp and self.scp.accepting)   # noqa: E731
-        self.health = HealthMonitor(self.config, self.journal, models=self.model_info(),
+        self.health = HealthMonitor(self.config, self.journal, models=self.model_info,
                                     listener_up=listener_up, service_problems=self.service_problems,
-                                    notices=self.notices).start()
+                                    notices=self.notices,
+                                    last_progress=lambda: self.pipeline and self.pipeline.last_progress
+                                    ).start()
         app = create_app(self.config, self.journal, self.metrics, health=self.health,
                          models=self.model_info(), listener_up=listener_up,
                          wake=self._wake_workers, image_decoder=self._decoder("thumbnails"))
@@ -224,6 +233,8 @@ class Appliance:
                 problems += [f"worker_dead:{name}" for name in dead()]
         if self.pipeline is not None and self.pipeline.results_write_error is not None:
             problems.append("results_write_error")
+        if any(m.tensorrt_missing and not m.building for m in self.models.values()):
+            problems.append("tensorrt_not_used")
         return problems
 
     def notices(self) -> list[str]:
@@ -234,6 +245,13 @@ class Appliance:
         recovered = self.recovery.summary()
         if recovered:
             out.append(f"Journal recovery: {recovered}")
+        for m in self.models.values():
+            if m.building:
+                out.append(f"{m.name}: the TensorRT {m.precision} engine is being built; "
+                           f"analysing with {m.backend} until it is ready")
+            elif m.tensorrt_missing:
+                out.append(f"{m.name} runs on {m.backend}, not TensorRT, on this Jetson: analysis is "
+                           f"10-50x slower ({m.backend_reason})")
         return out
 
     def healthy(self) -> bool:

@@ -2,10 +2,18 @@
 
 An engine is built on the device from the model's ONNX file and cached as
 ``<cache_dir>/<model-name>-<key>.engine``, where ``key`` is a truncated sha256 of what makes
-an engine valid: the model's sha256, the TensorRT version, the GPU name and the precision
-(and, for INT8, the calibration set). A JSON sidecar beside it records that key material,
-so a person can see why an engine was (not) reused. FP16 is the default; INT8 needs a
-calibration set (a folder of ``.npy`` input tensors) and is refused without one.
+an engine valid: the model's sha256, the TensorRT version, the GPU (name, compute
+capability, multiprocessors, memory: an Orin Nano, NX and AGX all call themselves "Orin"),
+the platform (Jetson module and L4T release) and the precision (and, for INT8, the
+calibration set). A JSON sidecar beside it records that key material, so a person can see
+why an engine was (not) reused. FP16 is the default; "fp32" really is FP32 (TF32, which
+TensorRT enables by default on Ampere/Orin, is cleared); INT8 needs a calibration set (a
+folder of ``.npy`` input tensors) and is refused without one.
+
+A timing cache per TensorRT version and GPU is kept in the cache folder and reused, so a
+rebuild (another model version, a damaged engine) takes a fraction of the first build.
+Whatever TensorRT raises while building (it raises TypeError and ValueError for ordinary
+failures) is reported as an :class:`EngineBuildError` naming the model.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +33,7 @@ import numpy as np
 
 from engines.manifest import Manifest, read_verified_model, sha256_hex
 from engines.runners.base import BackendUnavailable, RunnerError
-from engines.runners.cuda_memory import DeviceBuffer, Stream, gpu_count, gpu_name
+from engines.runners.cuda_memory import DeviceBuffer, Stream, gpu_identity, gpu_problem
 from engines.runners.tensorrt_runner import import_tensorrt, trt_logger
 
 logger = logging.getLogger(__name__)
@@ -45,14 +54,39 @@ def default_cache_dir() -> Path:
 
 
 def tensorrt_unavailable_reason() -> str | None:
-    """Why TensorRT cannot run here (no module, old version, no GPU), or None when it can."""
+    """Why TensorRT cannot run here (no module, old version, broken install, no usable GPU,
+    in the words of the library that failed), or None when it can."""
     try:
         import_tensorrt()
     except BackendUnavailable as exc:
         return str(exc)
-    if gpu_count() < 1:
-        return "no CUDA GPU is visible (or neither cuda-python nor pycuda is installed)"
-    return None
+    return gpu_problem()
+
+
+_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+_DEVICE_MODEL = Path("/proc/device-tree/model")
+
+
+def platform_identity(release: Path = _TEGRA_RELEASE, model: Path = _DEVICE_MODEL) -> str:
+    """The Jetson module and L4T release ("NVIDIA Jetson Orin NX ...; L4T R36.4.3"), or ""
+    off a Jetson: part of the engine key, so that a reflash or another module rebuilds."""
+    parts = []
+    try:
+        parts.append(model.read_text(errors="replace").strip("\x00 \n"))
+    except OSError:
+        pass
+    try:
+        found = re.search(r"R(\d+) \(release\), REVISION: ([\d.]+)", release.read_text(errors="replace"))
+    except OSError:
+        found = None
+    if found:
+        parts.append(f"L4T R{found.group(1)}.{found.group(2)}")
+    return "; ".join(p for p in parts if p)
+
+
+def on_jetson(release: Path = _TEGRA_RELEASE) -> bool:
+    """True on a Jetson (L4T), where not using TensorRT costs 10-50x in speed."""
+    return release.exists()
 
 
 @dataclass(frozen=True)
@@ -64,6 +98,8 @@ class EngineKey:
     gpu_name: str
     precision: str
     calibration_sha256: str = ""   # INT8 only
+    gpu: str = ""                  # compute capability, multiprocessors, memory
+    platform: str = ""             # Jetson module and L4T release
 
     def digest(self) -> str:
         material = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -124,9 +160,12 @@ def _files_digest(files: list[Path]) -> str:
 def engine_key(manifest: Manifest, precision: str, calibration: list[Path] | None = None) -> EngineKey:
     """The cache key for ``manifest`` on this machine's TensorRT and GPU 0."""
     trt = import_tensorrt()
+    gpu = gpu_identity(0)
     return EngineKey(model_sha256=manifest.sha256, tensorrt_version=str(trt.__version__),
-                     gpu_name=gpu_name(0), precision=precision,
-                     calibration_sha256=_files_digest(calibration) if calibration else "")
+                     gpu_name=gpu["name"], precision=precision,
+                     calibration_sha256=_files_digest(calibration) if calibration else "",
+                     gpu=f"sm_{gpu['compute_capability']}, {gpu['multiprocessors']} SMs, "
+                         f"{gpu['memory_mb']} MB", platform=platform_identity())
 
 
 def cached_engine(path: Path) -> bool:
@@ -193,9 +232,31 @@ def _make_calibrator(trt: Any, files: list[Path], shape: tuple[int, ...]) -> Any
     return _Calibrator()
 
 
+def timing_cache_path(cache_dir: Path, key: EngineKey) -> Path:
+    """Timing cache shared by the models built with this TensorRT on this GPU."""
+    material = f"{key.tensorrt_version}|{key.gpu_name}|{key.gpu}|{key.platform}".encode()
+    return Path(cache_dir) / f"timing-{hashlib.sha256(material).hexdigest()[:KEY_LENGTH]}.cache"
+
+
 def _serialize(manifest: Manifest, precision: str, calibration: list[Path] | None,
-               workspace_mb: int) -> bytes:
-    """Parse the (verified) ONNX file and build a serialized engine."""
+               workspace_mb: int, timing_cache: Path | None = None) -> bytes:
+    """Parse the (verified) ONNX file and build a serialized engine.
+
+    TensorRT raises TypeError/ValueError (not only returns None) for ordinary failures: a
+    builder it cannot create, unsupported types, dynamic dimensions it cannot resolve;
+    every one is an EngineBuildError naming the model.
+    """
+    try:
+        return _serialize_unchecked(manifest, precision, calibration, workspace_mb, timing_cache)
+    except (EngineBuildError, BackendUnavailable):
+        raise
+    except Exception as exc:   # noqa: BLE001 - see the docstring
+        raise EngineBuildError(f"TensorRT failed to build an engine for {manifest.name} "
+                               f"({precision}): {type(exc).__name__}: {exc}") from exc
+
+
+def _serialize_unchecked(manifest: Manifest, precision: str, calibration: list[Path] | None,
+                         workspace_mb: int, timing_cache: Path | None) -> bytes:
     trt = import_tensorrt()
     onnx_bytes = read_verified_model(manifest)
     log = trt_logger(trt)
@@ -223,6 +284,8 @@ def _serialize(manifest: Manifest, precision: str, calibration: list[Path] | Non
         raise EngineBuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (TensorRT 11 builds "
                                "strongly typed networks only); build with --precision fp32, or give "
                                "the model an ONNX file already converted to that precision")
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)   # on by default: fp32 would be TF32 on Orin
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
@@ -231,6 +294,7 @@ def _serialize(manifest: Manifest, precision: str, calibration: list[Path] | Non
         config.int8_calibrator = calibrator
         if profile is not None:
             config.set_calibration_profile(profile)
+    cache = _load_timing_cache(config, timing_cache)
     try:
         serialized = builder.build_serialized_network(network, config)
     finally:
@@ -239,7 +303,31 @@ def _serialize(manifest: Manifest, precision: str, calibration: list[Path] | Non
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine for {manifest.name} "
                                f"({precision}); see the TensorRT messages above")
+    if cache is not None and timing_cache is not None:
+        try:
+            _atomic_write(timing_cache, bytes(cache.serialize()))
+        except OSError as exc:
+            logger.warning("engine cache: timing cache %s not saved (%s)", timing_cache, exc)
     return bytes(serialized)
+
+
+def _load_timing_cache(config: Any, path: Path | None) -> Any:
+    """Attach the saved timing cache (or a new one) to ``config``; None without a path."""
+    if path is None:
+        return None
+    data = b""
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            logger.warning("engine cache: timing cache %s unreadable (%s); starting a new one", path, exc)
+    cache = config.create_timing_cache(data)
+    if cache is None and data:   # damaged: start afresh rather than fail the build
+        logger.warning("engine cache: timing cache %s is not usable; starting a new one", path)
+        cache = config.create_timing_cache(b"")
+    if cache is not None:
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
 
 
 def build_engine(manifest: Manifest, cache_dir: Path | str, *, precision: str = DEFAULT_PRECISION,
@@ -263,7 +351,8 @@ def build_engine(manifest: Manifest, cache_dir: Path | str, *, precision: str = 
     logger.info("engine cache: building %s engine for %s on %s with TensorRT %s (takes a while)",
                 precision, manifest.name, key.gpu_name, key.tensorrt_version)
     start = time.monotonic()
-    data = _serialize(manifest, precision, calibration, workspace_mb)
+    data = _serialize(manifest, precision, calibration, workspace_mb,
+                      timing_cache=timing_cache_path(Path(cache_dir), key))
     seconds = time.monotonic() - start
     _atomic_write(path, data)
     sidecar = {
@@ -278,7 +367,11 @@ def build_engine(manifest: Manifest, cache_dir: Path | str, *, precision: str = 
 
 
 def find_cached_engine(manifest: Manifest, cache_dir: Path | str,
-                       precision: str = DEFAULT_PRECISION) -> Path | None:
-    """The valid cached engine for ``manifest`` (non-INT8), or None. Needs TensorRT and a GPU."""
-    path = engine_path(Path(cache_dir), manifest, engine_key(manifest, precision))
+                       precision: str = DEFAULT_PRECISION,
+                       calibration_dir: Path | str | None = None) -> Path | None:
+    """The valid cached engine for ``manifest`` at ``precision`` (INT8: built from
+    ``calibration_dir``), or None; never builds. Needs TensorRT and a GPU."""
+    check_precision(precision, calibration_dir)
+    calibration = calibration_files(calibration_dir, manifest) if calibration_dir is not None else None
+    path = engine_path(Path(cache_dir), manifest, engine_key(manifest, precision, calibration))
     return path if cached_engine(path) else None

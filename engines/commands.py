@@ -3,13 +3,18 @@
 - ``list``: every model folder with version, task, input size, sha256 ok/MISMATCH and the
   runner the appliance would use (nothing is built).
 - ``build``: build (or reuse) the TensorRT engine of each model into the engine cache.
-- ``verify``: run the TensorRT engine and ONNX Runtime (CPU, the reference) on the same
-  reference input and print the max abs difference of every output; exit 1 when one is above
-  the tolerance. Outputs larger than 1 (box sizes in pixels) are judged relative to their
-  largest value, so an FP16 engine is not failed for rounding a 40-pixel width by 0.02.
+- ``verify``: run the cached TensorRT engine and ONNX Runtime (CPU, the reference) on the
+  same reference input and compare what matters: the decisions (the classifier's score
+  against its threshold: the "refer" flag; the detector's boxes, matched by IoU >= 0.5) and
+  the numbers (max abs difference of every output; outputs larger than 1, box sizes in
+  pixels, are judged relative to their largest value, so an FP16 engine is not failed for
+  rounding a 40-pixel width by 0.02). It never builds: a missing engine is reported.
+  The reference input is the model folder's ``reference_input.npy`` when present, else a
+  procedural chest phantom with a TB pattern and nodules (so the decisions are not trivial).
 
-Exit codes: 0 ok, 1 a model failed (mismatch, build error, parity), 2 TensorRT or a GPU is
-missing here, or the request itself is invalid (e.g. INT8 without a calibration set).
+Exit codes: 0 ok, 1 a model failed (decision or numbers differ, build error), 2 TensorRT or
+a GPU is missing here, or the request itself is invalid (e.g. INT8 without a calibration
+set), 3 no engine of that precision is built yet (run ``edge engines build``).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import TextIO
 import numpy as np
 
 from engines.builder import (DEFAULT_PRECISION, PRECISIONS, EngineBuildError, build_engine,
-                             check_precision, tensorrt_unavailable_reason)
+                             check_precision, find_cached_engine, tensorrt_unavailable_reason)
 from engines.manifest import Manifest, ManifestError, ModelIntegrityError, load_manifest, read_verified_model
 from engines.preprocess import to_model_input
 from engines.runners.base import BackendUnavailable, Runner, RunnerError
@@ -34,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_INPUT = "reference_input.npy"
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2}
-EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_NOT_BUILT = 0, 1, 2, 3
+MATCH_IOU = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="engines_command", metavar="{build,list,verify}")
     sub.required = True
     build = sub.add_parser("build", help="build (or reuse) TensorRT engines into the engine cache")
-    build.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                       help="engine precision (default: fp16; int8 needs --calibration)")
+    build.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="engine precision (default: [models] precision of the config, fp16; "
+                            "int8 needs a calibration set)")
     build.add_argument("--calibration", type=Path, metavar="DIR",
                        help="folder of .npy model-input tensors for INT8 calibration")
     build.add_argument("--model", metavar="NAME", help="only this model (default: all)")
@@ -53,18 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed output difference (default: 1e-2 for fp16, "
                              "1e-3 for fp32, 5e-2 for int8)")
-    verify.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help="precision of the engine to verify (default: fp16)")
+    verify.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="precision of the engine to verify (default: [models] precision of "
+                             "the config, fp16)")
     verify.add_argument("--calibration", type=Path, metavar="DIR", help="calibration set of an int8 engine")
     verify.add_argument("--model", metavar="NAME", help="only this model (default: all)")
 
 
 def reference_input(manifest: Manifest) -> np.ndarray:
-    """The model folder's ``reference_input.npy``, else a deterministic synthetic image.
-
-    The synthetic image is smooth (gradients, a bright disc, a faint ring) and goes through
-    the same preprocessing as a real one, so it exercises the network in its normal range.
-    """
+    """The model folder's ``reference_input.npy``, else a chest phantom (deterministic) with a
+    TB pattern and nodules, preprocessed like a real image; a smooth synthetic image when
+    the phantom generator is not installed."""
     path = manifest.folder / REFERENCE_INPUT
     if path.is_file():
         tensor = np.load(path).astype(np.float32)
@@ -73,12 +79,53 @@ def reference_input(manifest: Manifest) -> np.ndarray:
                                 f"input {list(manifest.input.shape)}")
         return tensor.reshape(manifest.input.shape)
     h, w = manifest.input.height, manifest.input.width
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    y, x = y / max(h - 1, 1), x / max(w - 1, 1)
-    unit = 0.35 + 0.25 * x + 0.15 * np.sin(6.0 * y)
-    r = np.hypot(x - 0.62, y - 0.40)
-    unit += 0.35 * (r < 0.08) + 0.1 * np.exp(-((r - 0.25) ** 2) / 0.002)
+    try:
+        from engines.train.phantom import generate_case, unit_image
+        unit = unit_image(generate_case(20240, size=max(h, w, 512), tb=True, nodules=True))
+    except ImportError:
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        y, x = y / max(h - 1, 1), x / max(w - 1, 1)
+        unit = 0.35 + 0.25 * x + 0.15 * np.sin(6.0 * y)
+        r = np.hypot(x - 0.62, y - 0.40)
+        unit += 0.35 * (r < 0.08) + 0.1 * np.exp(-((r - 0.25) ** 2) / 0.002)
     return to_model_input(np.clip(unit, 0.0, 1.0), h, w, manifest.input.mean, manifest.input.std)
+
+
+@dataclass(frozen=True)
+class DecisionCheck:
+    """Whether the engine decides what ONNX Runtime decides on the reference input."""
+    agree: bool
+    text: str
+
+
+def compare_decisions(manifest: Manifest, expected: dict[str, np.ndarray],
+                      actual: dict[str, np.ndarray]) -> DecisionCheck:
+    """Classifier: score vs threshold (the refer flag). Detector: decoded boxes matched
+    one to one by IoU >= MATCH_IOU."""
+    if manifest.task == "classification":
+        spec = manifest.output
+        want = float(np.asarray(expected[spec.score]).reshape(-1)[0])
+        got = float(np.asarray(actual[spec.score]).reshape(-1)[0])
+        same = (want >= spec.threshold) == (got >= spec.threshold)
+        flag = "positive" if got >= spec.threshold else "negative"
+        return DecisionCheck(same, f"decision {'same' if same else 'DIFFERENT'}: score {got:.4f} vs "
+                                   f"onnxruntime {want:.4f} at threshold {spec.threshold:g} ({flag})")
+    from engines.decode import box_iou, decode_centernet
+
+    want_boxes = np.array([b[:4] for b in decode_centernet(expected, manifest)], dtype=np.float64)
+    got_boxes = np.array([b[:4] for b in decode_centernet(actual, manifest)], dtype=np.float64)
+    matched, free = 0, list(range(len(got_boxes)))
+    for box in want_boxes:
+        if not free:
+            break
+        ious = box_iou(box, got_boxes[free])
+        best = int(np.argmax(ious))
+        if ious[best] >= MATCH_IOU:
+            matched += 1
+            free.pop(best)
+    same = matched == len(want_boxes) == len(got_boxes)
+    return DecisionCheck(same, f"decision {'same' if same else 'DIFFERENT'}: {len(got_boxes)} box(es) vs "
+                               f"onnxruntime {len(want_boxes)}, {matched} matched at IoU >= {MATCH_IOU}")
 
 
 @dataclass(frozen=True)
@@ -101,7 +148,12 @@ class OutputDiff:
 def compare_runners(reference: Runner, candidate: Runner, inputs: dict[str, np.ndarray],
                     names: list[str], tolerance: float) -> list[OutputDiff]:
     """Run both runners on ``inputs`` and compare the outputs ``names``."""
-    expected, actual = reference.run(inputs), candidate.run(inputs)
+    return compare_outputs(reference.run(inputs), candidate.run(inputs), names, tolerance)
+
+
+def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
+                    names: list[str], tolerance: float) -> list[OutputDiff]:
+    """Max abs difference of each output ``names`` (scaled when the output exceeds 1)."""
     diffs = []
     for name in names:
         ref = np.asarray(expected[name], dtype=np.float64)
@@ -132,7 +184,8 @@ def _selected(models_dir: Path, name: str | None, err: TextIO) -> list[Path] | N
     return folders
 
 
-def _list(models_dir: Path, cache_dir: Path, backend: str, out: TextIO, err: TextIO) -> int:
+def _list(models_dir: Path, cache_dir: Path, backend: str, precision: str,
+          calibration_dir: Path | str | None, out: TextIO, err: TextIO) -> int:
     folders = _selected(models_dir, None, err)
     if folders is None:
         return EXIT_FAILED
@@ -151,7 +204,8 @@ def _list(models_dir: Path, cache_dir: Path, backend: str, out: TextIO, err: Tex
         except ModelIntegrityError as exc:
             integrity = "MISSING" if "not found" in str(exc) else "MISMATCH"
             problems.append(str(exc))
-        runner = describe_backend(manifest, backend, cache_dir) if integrity == "ok" else "none (not loadable)"
+        runner = (describe_backend(manifest, backend, cache_dir, precision, calibration_dir)
+                  if integrity == "ok" else "none (not loadable)")
         rows.append((manifest.name, manifest.version, manifest.task,
                      f"{manifest.input.width}x{manifest.input.height}", integrity, runner))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -216,17 +270,28 @@ def _verify(args: argparse.Namespace, models_dir: Path, cache_dir: Path, out: Te
     for folder in folders:
         try:
             manifest = load_manifest(folder)
-            result = build_engine(manifest, cache_dir, precision=args.precision,
-                                  calibration_dir=args.calibration)
+            engine = find_cached_engine(manifest, cache_dir, args.precision, args.calibration)
+            if engine is None:
+                build = f"edge engines build --precision {args.precision}" + (
+                    f" --calibration {args.calibration}" if args.calibration else "")
+                print(f"{folder.name}: no {args.precision} engine built yet (nothing was built); "
+                      f"run `{build}`", file=err)
+                status = max(status, EXIT_NOT_BUILT) if status != EXIT_FAILED else status
+                continue
             tensor = reference_input(manifest)
+            inputs = {manifest.input.name: tensor}
             with OnnxRuntimeRunner(read_verified_model(manifest), device="cpu", label=manifest.name) as ref, \
-                    TensorRTRunner(result.path, label=result.path.name) as trt_runner:
-                diffs = compare_runners(ref, trt_runner, {manifest.input.name: tensor},
-                                        manifest.output_names, tolerance)
+                    TensorRTRunner(engine, label=engine.name) as trt_runner:
+                expected, actual = ref.run(inputs), trt_runner.run(inputs)
+            diffs = compare_outputs(expected, actual, manifest.output_names, tolerance)
+            decision = compare_decisions(manifest, expected, actual)
         except (ManifestError, ModelIntegrityError, EngineBuildError, RunnerError, OSError) as exc:
             print(f"{folder.name}: FAILED: {exc}", file=err)
             status = EXIT_FAILED
             continue
+        print(f"{manifest.name}: {decision.text}", file=out)
+        if not decision.agree:
+            status = EXIT_FAILED
         for d in diffs:
             verdict = "ok" if d.ok else "ABOVE TOLERANCE"
             print(f"{manifest.name} {d.name}: max abs diff {d.max_abs_diff:.3g} "
@@ -237,13 +302,20 @@ def _verify(args: argparse.Namespace, models_dir: Path, cache_dir: Path, out: Te
 
 
 def run(args: argparse.Namespace, *, models_dir: Path, cache_dir: Path, backend: str,
+        precision: str = DEFAULT_PRECISION, calibration_dir: Path | str | None = None,
         out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run the parsed ``engines`` subcommand; returns the process exit code."""
+    """Run the parsed ``engines`` subcommand; returns the process exit code. ``precision``
+    and ``calibration_dir`` (the config's) apply when the command line does not say."""
     out, err = out or sys.stdout, err or sys.stderr
     command = getattr(args, "engines_command", None)
+    if getattr(args, "precision", "") is None:
+        args.precision = precision
+    if getattr(args, "calibration", "") is None and getattr(args, "precision", None) == "int8" \
+            and calibration_dir is not None:
+        args.calibration = Path(calibration_dir)
     try:
         if command == "list":
-            return _list(Path(models_dir), Path(cache_dir), backend, out, err)
+            return _list(Path(models_dir), Path(cache_dir), backend, precision, calibration_dir, out, err)
         if command == "build":
             return _build(args, Path(models_dir), Path(cache_dir), out, err)
         if command == "verify":

@@ -11,10 +11,7 @@ unlucky conditions. Each test names the class of fault; each would fail on a rel
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -81,6 +78,10 @@ def test_poison_images_fail_alone_and_the_service_keeps_analysing(tmp_path, edge
     assert len(results) == 3 * len(analyzed)
     status, body = _healthz(srv)
     assert status == 200, body
+    log = srv.log.read_text(errors="replace")
+    for secret in ("PATIENT", "PID000", "19801341", "19800101", "ACC1"):   # names, IDs, dates
+        assert secret not in log, f"patient data {secret!r} in the service log"
+    assert "pixel decoder failed on this image (PanicException)" in log
     # and it keeps going: one more image after the storm
     extra = tmp_path / "after.dcm"
     make_dx(extra, rows=1024, cols=1024, seed=99)
@@ -209,14 +210,21 @@ def test_sigkill_soak_with_pacs_restarts_loses_and_duplicates_nothing(tmp_path, 
     restarts twice. Every image the modality had acknowledged is analysed, none of them
     fails for having been in the queue during a kill, and every result object reaches the
     PACS exactly once, counted as C-STORE operations received (not as unique UIDs)."""
-    import random
-    import threading
-    from collections import Counter
-
     from conftest import OrthancPACS
 
     require_tool("storescu")
     pacs = OrthancPACS(tmp_path, count_stores=True).start()
+    try:
+        _soak(tmp_path, edge_server, pacs)
+    finally:
+        pacs.stop()
+
+
+def _soak(tmp_path, edge_server, pacs) -> None:
+    import random
+    import threading
+    from collections import Counter
+
     srv = edge_server(destinations=[pacs.destination()],
                       extra={"delivery": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0}}).start()
     images = []
@@ -276,6 +284,5 @@ def test_sigkill_soak_with_pacs_restarts_loses_and_duplicates_nothing(tmp_path, 
     assert len(stores) == 3 * len(uids), f"{len(stores)} objects at the PACS for {len(uids)} images"
     held = pacs.get("/instances")
     assert len(held) == 3 * len(uids)
-    pacs.stop()
     print(f"soak: {kills} SIGKILLs, 2 PACS restarts, {len(uids)} images acknowledged, "
           f"{len(stores)} result objects stored once each, 0 failed")

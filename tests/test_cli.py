@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -18,7 +17,7 @@ def _edge(*args, cwd=None, timeout=180):
 def test_help_lists_every_command():
     out = _edge("--help")
     assert out.returncode == 0
-    for command in ("serve", "demo", "analyze", "jobs", "echo", "engines"):
+    for command in ("serve", "demo", "analyze", "jobs", "journal", "echo", "engines"):
         assert command in out.stdout
 
 
@@ -84,3 +83,39 @@ def test_demo_sends_samples_and_reports_where_results_went(tmp_path):
     # the names went over the wire in UTF-8 (ISO_IR 192) and are kept as sent
     jobs = json.loads(_edge("--config", str(cfg), "jobs", "--json", cwd=tmp_path).stdout)
     assert {j["patient_name"] for j in jobs} >= {"NGUYỄN^VĂN AN", "VŨ^THỊ HOA"}
+
+
+@pytest.mark.parametrize("problem", ["dicom_port_in_use", "web_port_in_use", "storage_unusable",
+                                     "not_utf8", "plaintext_password"])
+def test_start_problems_name_the_key_without_a_traceback(tmp_path, problem):
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    sections = {"node": {"host": "127.0.0.1", "port": free_port()},
+                "web": {"host": "127.0.0.1", "port": free_port()},
+                "storage": {"dir": str(tmp_path / "data"), "min_free_mb": 0}}
+    expected = {"dicom_port_in_use": "node.port", "web_port_in_use": "web.port",
+                "storage_unusable": "storage.dir", "not_utf8": "not UTF-8",
+                "plaintext_password": "web.password_hash"}[problem]
+    if problem == "dicom_port_in_use":
+        sections["node"]["port"] = busy.getsockname()[1]
+    elif problem == "web_port_in_use":
+        sections["web"]["port"] = busy.getsockname()[1]
+    elif problem == "storage_unusable":
+        (tmp_path / "a-file").write_text("not a directory")
+        sections["storage"]["dir"] = str(tmp_path / "a-file" / "data")
+    elif problem == "plaintext_password":
+        sections["web"]["password_hash"] = "secret123"
+    cfg = write_config(tmp_path / "edge.toml", sections)
+    if problem == "not_utf8":
+        cfg.write_bytes(cfg.read_bytes() + b"\n# caf\xe9 latin-1 comment\n")
+    try:
+        out = _edge("--config", str(cfg), "serve", cwd=tmp_path, timeout=120)
+    finally:
+        busy.close()
+    assert out.returncode == 2, out.stdout[-1000:] + out.stderr[-2000:]
+    assert expected in out.stderr and "configuration error" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    if problem == "plaintext_password":
+        assert "secret123" not in out.stderr   # the password itself is never echoed

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import io
 import re
-import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -22,14 +21,12 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from conftest import require_tool
 from edge.findings import Findings, ModelInfo, Nodule, TBResult
 from edge.reporting import (OUTPUT_TYPES, Equipment, annotate_image, build_gsps,
                             build_results, build_sc, build_sr, result_series_uid, result_uid)
 from engines.preprocess import resize_area, window_to_unit
 
-TOOLS = ("dciodvfy", "dsrdump", "dcmp2pgm")
-pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                                reason="dicom3tools/DCMTK not installed")
 
 SIZE = 1024
 CENTER, WIDTH = 1800.0, 1600.0
@@ -124,6 +121,7 @@ def write(ds: Dataset, path: Path) -> Path:
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
+    require_tool("dciodvfy")
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
@@ -167,6 +165,7 @@ def test_dciodvfy_reports_a_broken_object(tmp_path):
 
 
 def dsrdump(path: Path) -> str:
+    require_tool("dsrdump")
     run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     return run.stdout
@@ -245,6 +244,7 @@ def test_sr_content_read_back_with_highdicom(tmp_path):
 def render(gsps_path: Path, source_path: Path, workdir: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     """dcmp2pgm's rendering of the image under the state, its AI overlay, and its dump."""
     out = workdir / "out.pgm"
+    require_tool("dcmp2pgm")
     run = subprocess.run(["dcmp2pgm", "-v", "-p", str(gsps_path), str(source_path), str(out)],
                          capture_output=True, text=True, timeout=60, cwd=workdir)
     assert run.returncode == 0, run.stderr

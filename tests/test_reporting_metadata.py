@@ -13,7 +13,6 @@ import io
 import logging
 import random
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,16 +25,13 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from conftest import make_dx
+from conftest import make_dx, require_tool
 from edge.config import IdentityConfig
 from edge.findings import Findings, ModelInfo, Nodule, TBResult
 from edge.reporting import (REPORT_FORMAT_VERSION, Equipment, PredecessorDocument,
                             build_gsps, build_results, build_sr,
                             equipment_from_identity, read_source)
 
-TOOLS = ("dciodvfy", "dsrdump")
-pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                                reason="dicom3tools/DCMTK not installed")
 
 SIZE = 256
 SOP_UID = "1.2.826.0.1.3680043.8.498.7701"
@@ -126,6 +122,7 @@ def dciodvfy_errors(data: bytes, path: Path) -> list[str]:
 
 def dciodvfy_all(files: dict[Path, bytes]) -> dict[Path, list[str]]:
     """dciodvfy's error lines per file (run side by side: it is single-threaded)."""
+    require_tool("dciodvfy")
     runs = {}
     for path, data in files.items():
         path.write_bytes(data)
@@ -493,7 +490,7 @@ def test_identity_in_every_object(source_bytes, tmp_path):
         assert dciodvfy_errors(data, tmp_path / f"{kind}.dcm") == [], kind
     path = tmp_path / "sr.dcm"
     path.write_bytes(encode(results["sr"]))
-    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True,
+    dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True,
                           timeout=60).stdout
     assert 'TEXT:(,,"Device Observer Name")="XRAY-ROOM-3"' in dump
     assert 'TEXT:(,,"Device Observer Serial Number")="SN-0042"' in dump
@@ -602,7 +599,7 @@ def test_predecessors_in_the_sr(source_bytes, tmp_path):
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.SOPInstanceUID
     assert dciodvfy_errors(data, tmp_path / "sr.dcm") == []
     path = tmp_path / "sr.dcm"
-    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True,
+    dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True,
                           timeout=60).stdout
     assert re.search(r"Predecessor Docs\s*:\s*1", dump)
     with pytest.raises(ValueError, match="sop_instance_uid"):

@@ -536,3 +536,33 @@ def test_health_monitor_echoes_in_background(tmp_path):
         scp.wait(timeout=10)
         silent.close()
         journal.close()
+
+
+def test_detail_page_shows_a_conflict_and_replaced_results(logged_in):
+    """The same SOP Instance UID received with other bytes, analysed twice: the page says
+    so, lists the earlier objects as replaced, and the summary counts only current ones."""
+    journal, storage = logged_in["journal"], logged_in["config"].storage_dir
+    uid = add_instance(journal, storage, "received")
+    row = journal.find_instance(uid)
+    first = [("sr", "2.25.1", "results/a.dcm", "pacs"), ("gsps", "2.25.2", "results/b.dcm", "pacs")]
+    journal.claim_next_instance()
+    journal.complete_analysis(uid, findings={}, timings_ms={}, plan=first)
+    journal.mark_delivery_sent(journal.deliveries_for(uid)[0].id)
+    new = NewInstance(**{**{f: getattr(row, f) for f in NewInstance.__dataclass_fields__},
+                         "sha256": "f" * 64, "path": "spool/other.dcm"})
+    assert journal.record_received(new) == "conflict"
+    journal.claim_next_instance()
+    journal.complete_analysis(uid, findings={}, timings_ms={},
+                              plan=[("sr", "2.25.3", "results/c.dcm", "pacs"),
+                                    ("gsps", "2.25.4", "results/d.dcm", "pacs")])
+    states = {d.result_uid: (d.state, d.current) for d in journal.deliveries_for(uid)}
+    assert states == {"2.25.1": ("sent", False), "2.25.2": ("superseded", False),
+                      "2.25.3": ("pending", True), "2.25.4": ("pending", True)}
+    assert journal.delivery_summary(uid) == "pending"
+    assert len(journal.instance_versions(uid)) == 1
+    html = logged_in["client"].get(f"/instances/{uid}").get_data(as_text=True)
+    assert "received 1 more time(s) with different content" in html
+    assert 'id="replaced-deliveries"' in html and "2.25.1" in html and "replaced, not sent" in html
+    detail = logged_in["client"].get(f"/api/instances/{uid}").get_json()
+    assert detail["conflicts"] == 1 and {d["result_uid"] for d in detail["deliveries"]} == {"2.25.3", "2.25.4"}
+    assert journal.resend_instance_results(uid) == 2   # only the current objects are resent

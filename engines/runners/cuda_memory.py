@@ -3,11 +3,17 @@
 Either cuda-python (``cuda.bindings.runtime``, or ``cuda.cudart`` in older releases; what
 NVIDIA's current TensorRT samples use) or pycuda (what some Jetson images ship) sits
 under them. Only the handful of calls the TensorRT runner and the INT8 calibrator need are
-wrapped: allocate, free, copy host<->device on a stream, synchronize, and device queries.
+wrapped: allocate, free, copy host<->device on a stream, synchronize, page-locked host
+memory, and device queries.
+
+cuda-python must be of the CUDA 12 line on JetPack 6 (its driver is CUDA 12): a newer
+cuda-python answers every call with ``cudaErrorInsufficientDriver``. Errors are never
+swallowed: ``gpu_problem()`` says why there is no usable GPU, in CUDA's own words.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import threading
 from typing import Any, Iterator
@@ -44,13 +50,25 @@ class _CudaPython:
         return rest[0] if len(rest) == 1 else (rest or None)
 
     def device_count(self) -> int:
-        err, count = self.rt.cudaGetDeviceCount()
-        return int(count) if err == self.rt.cudaError_t.cudaSuccess else 0
+        return int(self._call("cudaGetDeviceCount", self.rt.cudaGetDeviceCount()))
 
-    def device_name(self, index: int) -> str:
+    def device_identity(self, index: int) -> dict[str, Any]:
         props = self._call("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(index))
         name = props.name
-        return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00").strip()
+        name = (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00").strip()
+        return {"name": name, "compute_capability": f"{props.major}.{props.minor}",
+                "multiprocessors": int(props.multiProcessorCount),
+                "memory_mb": int(props.totalGlobalMem) >> 20}
+
+    def host_alloc(self, nbytes: int) -> tuple[Any, int]:
+        ptr = self._call("cudaMallocHost", self.rt.cudaMallocHost(nbytes))
+        return ptr, int(ptr)
+
+    def host_free(self, handle: Any) -> None:
+        self._call("cudaFreeHost", self.rt.cudaFreeHost(handle))
+
+    def device_name(self, index: int) -> str:
+        return self.device_identity(index)["name"]
 
     def malloc(self, nbytes: int) -> tuple[Any, int]:
         ptr = self._call("cudaMalloc", self.rt.cudaMalloc(nbytes))
@@ -106,6 +124,24 @@ class _PyCuda:
 
     def device_name(self, index: int) -> str:
         return str(self.drv.Device(index).name()).strip()
+
+    def device_identity(self, index: int) -> dict[str, Any]:
+        device = self.drv.Device(index)
+        major, minor = device.compute_capability()
+        attr = self.drv.device_attribute.MULTIPROCESSOR_COUNT
+        return {"name": str(device.name()).strip(), "compute_capability": f"{major}.{minor}",
+                "multiprocessors": int(device.get_attribute(attr)),
+                "memory_mb": int(device.total_memory()) >> 20}
+
+    def host_alloc(self, nbytes: int) -> tuple[Any, int]:
+        with self._current():
+            array = self.drv.pagelocked_empty(nbytes, dtype=np.uint8)
+        return array, int(array.ctypes.data)
+
+    def host_free(self, handle: Any) -> None:
+        allocation = getattr(handle, "base", None)   # pycuda's HostAllocation
+        if allocation is not None and hasattr(allocation, "free"):
+            allocation.free()
 
     def malloc(self, nbytes: int) -> tuple[Any, int]:
         with self._current():
@@ -164,11 +200,34 @@ def cuda_library() -> str:
     return cuda_api().library
 
 
+def gpu_problem() -> str | None:
+    """Why no CUDA GPU can be used here, in CUDA's own words; None when one can.
+
+    A cuda-python newer than the driver answers ``cudaErrorInsufficientDriver`` to every
+    call: that is said as such (with what to install), not as "no GPU".
+    """
+    try:
+        count = cuda_api().device_count()
+    except BackendUnavailable as exc:
+        return str(exc)
+    except CudaError as exc:
+        hint = ""
+        if "InsufficientDriver" in str(exc):
+            hint = ("; the installed CUDA Python library needs a newer driver than this machine's "
+                    "(on JetPack 6 install cuda-python of the CUDA 12 line: pip install "
+                    "'cuda-python>=12.2,<13')")
+        return f"no usable CUDA GPU: {exc}{hint}"
+    except Exception as exc:   # noqa: BLE001 - a broken driver install: say what it said
+        return f"no usable CUDA GPU: {type(exc).__name__}: {exc}"
+    return None if count > 0 else "no CUDA GPU is visible (CUDA reports 0 devices)"
+
+
 def gpu_count() -> int:
-    """Number of CUDA devices visible, 0 when there is no library, driver or device."""
+    """Number of CUDA devices visible, 0 when there is no library, driver or device (see
+    ``gpu_problem`` for why)."""
     try:
         return cuda_api().device_count()
-    except Exception as exc:
+    except Exception as exc:   # noqa: BLE001
         logger.debug("no CUDA device: %s", exc)
         return 0
 
@@ -176,6 +235,12 @@ def gpu_count() -> int:
 def gpu_name(index: int = 0) -> str:
     """Name of CUDA device ``index`` (e.g. "NVIDIA H100 80GB HBM3", "Orin")."""
     return cuda_api().device_name(index)
+
+
+def gpu_identity(index: int = 0) -> dict[str, Any]:
+    """What tells GPUs apart for an engine: name, compute capability, multiprocessor count
+    and memory (an Orin Nano, NX and AGX all call themselves "Orin")."""
+    return cuda_api().device_identity(index)
 
 
 class Stream:
@@ -197,6 +262,34 @@ class Stream:
         if self._stream is not None:
             stream, self._stream = self._stream, None
             self._api.stream_destroy(stream)
+
+    def __del__(self) -> None:  # fallback only; owners call free()
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class HostBuffer:
+    """Page-locked (pinned) host memory holding a numpy array: copies to and from the
+    device are truly asynchronous and faster, and on Jetson (shared memory) avoid a bounce
+    buffer. ``array`` is valid until ``free()``."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self._api = cuda_api()
+        dtype = np.dtype(dtype)
+        nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+        self._handle, ptr = self._api.host_alloc(nbytes)
+        raw = (ctypes.c_char * nbytes).from_address(ptr)
+        self.array = np.frombuffer(raw, dtype=np.uint8, count=nbytes)[:int(np.prod(shape)) * dtype.itemsize] \
+            .view(dtype).reshape(shape)
+        self.nbytes = nbytes
+
+    def free(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            self.array = None
+            self._api.host_free(handle)
 
     def __del__(self) -> None:  # fallback only; owners call free()
         try:
