@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install the edge appliance on a Jetson (JetPack 6), or on a development machine with
-# --allow-unsupported. Safe to run again: every step checks first and prints "ok: ..."
-# when there is nothing to do; --dry-run prints "would: ..." for each planned action.
+# Install the edge appliance on a Jetson Orin with JetPack 6.1 or newer (L4T R36.4+,
+# TensorRT 10, CUDA 12), or on a development machine with --allow-unsupported. Safe to run
+# again: every step checks first and prints "ok: ..." when there is nothing to do;
+# --dry-run prints "would: ..." for each planned action.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,14 +20,19 @@ Options:
   --root DIR            install into DIR instead of / (image building, tests);
                         services are enabled offline and not started
   --dry-run             print every action without doing it
-  --allow-unsupported   go on when the platform is not JetPack 6 with TensorRT and CUDA
+  --allow-unsupported   go on when the platform is not JetPack 6.1+ (L4T R36.4+,
+                        TensorRT >= 10, CUDA 12.x); the service then uses ONNX Runtime
   --source DIR          project source tree (default: $(dirname "$SCRIPT_DIR"))
   --release NAME        install as /opt/edge/NAME (default: version in setup.cfg)
   --python PATH         base interpreter for the virtualenv (default: $DEFAULT_PYTHON)
-  --extras LIST         pip extras to install (default: tensorrt; "" for none)
+  --extras LIST         pip extras to install (default: tensorrt, which pins
+                        $CUDA_PYTHON_PIN for CUDA $CUDA_MAJOR.x; "" for none)
   --wheelhouse DIR      install offline from wheels in DIR (pip --no-index)
+  --precision P         TensorRT engine precision: fp16, fp32 or int8 (default: the
+                        installed config's [models] precision, else fp16); a new
+                        config is written with it, and every engine build/verify uses it
   --calibration DIR     INT8 calibration tensors (.npy), needed with --precision int8
-  --precision P         TensorRT engine precision: fp16 (default), fp32 or int8
+                        (with --root: the folder's path on the target)
   --performance-mode N  nvpmodel mode (default 0 = MAXN); see jetson_performance.sh
   --no-clocks           do not pin clocks with jetson_clocks (saves power)
   --no-performance      leave power mode and clocks alone
@@ -46,7 +52,7 @@ RELEASE=""
 PYTHON="$DEFAULT_PYTHON"
 EXTRAS="tensorrt"
 WHEELHOUSE=""
-PRECISION="fp16"
+PRECISION=""      # unset: the installed config's [models] precision, else fp16
 CALIBRATION=""
 PERF_MODE=0
 ALLOW_UNSUPPORTED=0
@@ -79,14 +85,6 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-case "$PRECISION" in fp16|fp32|int8) ;; *) die "--precision: '$PRECISION' is not fp16, fp32 or int8" ;; esac
-BUILD_ARGS=(--precision "$PRECISION")
-if [[ -n "$CALIBRATION" ]]; then
-    [[ -d "$CALIBRATION" ]] || die "--calibration: $CALIBRATION is not a directory"
-    BUILD_ARGS+=(--calibration "$(cd "$CALIBRATION" && pwd)")
-elif [[ "$PRECISION" == int8 ]]; then
-    die "--precision int8 needs --calibration DIR (model-input tensors as .npy files)"
-fi
 [[ "$PERF_MODE" =~ ^[0-9]+$ ]] || die "--performance-mode: '$PERF_MODE' is not a mode number"
 [[ -f "$SOURCE/setup.cfg" ]] || die "--source: $SOURCE has no setup.cfg; is it the project tree?"
 SOURCE="$(cd "$SOURCE" && pwd)"
@@ -106,51 +104,48 @@ PREFIX="$ROOT$EDGE_PREFIX"
 RELEASE_DIR="$PREFIX/$RELEASE"
 VENV="$RELEASE_DIR/venv"
 CONFIG="$ROOT$EDGE_ETC/edge.toml"
+choose_precision "$CONFIG"   # sets PRECISION, CALIBRATION and ENGINE_ARGS
 printf 'installing xray-edge %s from %s into %s\n' "$RELEASE" "$SOURCE" "${ROOT:-/}"
 
 # ---------------------------------------------------------------- platform
-# JetPack 6 = L4T R36. The release file reads "# R36 (release), REVISION: 3.0, ...".
-l4t_version() {
-    local file="$ROOT/etc/nv_tegra_release" ver
-    if [[ -f "$file" ]]; then
-        sed -n 's/^# R\([0-9]\{1,\}\) (release), REVISION: \([0-9.]\{1,\}\).*/\1.\2/p' "$file" | head -n 1
-        return 0
-    fi
-    if command -v dpkg-query >/dev/null 2>&1; then
-        ver="$(dpkg-query --admindir="$ROOT/var/lib/dpkg" -W -f='${Version}' nvidia-l4t-core 2>/dev/null || true)"
-        [[ -n "$ver" ]] && printf '%s\n' "${ver%%-*}"
-    fi
-    return 0
-}
-
-has_tensorrt() {
-    if [[ -n "$ROOT" ]]; then
-        compgen -G "$ROOT/usr/lib/python3*/dist-packages/tensorrt/__init__.py" >/dev/null
-    else
-        "$PYTHON" -c 'import tensorrt' >/dev/null 2>&1
-    fi
-}
-
+# JetPack 6.1 or newer: L4T R36.4+, TensorRT 10 (JetPack 6.0, L4T R36.2/R36.3, has TensorRT
+# 8.6, which cannot run the engines), CUDA 12.x (the cuda-python 12 line). With --root the
+# target's files are read; otherwise the running system and $PYTHON.
 check_platform() {
     local -a problems=()
-    local l4t
+    local l4t trt cuda jetpack="" where
     l4t="$(l4t_version)"
+    trt="$(tensorrt_version "$PYTHON")"
+    cuda="$(cuda_version)"
     if [[ -z "$l4t" ]]; then
         problems+=("not a Jetson: no /etc/nv_tegra_release and no nvidia-l4t-core package")
-    elif [[ "${l4t%%.*}" != 36 ]]; then
-        problems+=("JetPack 6 (L4T R36) is required, this is L4T R$l4t; reflash with JetPack 6")
     else
-        ok "L4T R$l4t (JetPack 6)"
+        jetpack="$(jetpack_name "$l4t")"
+        if version_ge "$l4t" "$MIN_L4T"; then
+            ok "L4T R$l4t ($jetpack)"
+        else
+            problems+=("L4T R$l4t is $jetpack; JetPack 6.1 or newer (L4T R$MIN_L4T or newer) is required")
+        fi
     fi
-    if [[ -d "$ROOT/usr/local/cuda" ]]; then
-        ok "CUDA at /usr/local/cuda"
+    where="$PYTHON -c 'import tensorrt' fails"
+    [[ -n "$ROOT" ]] && where="no /usr/lib/python3.10/dist-packages/tensorrt/__init__.py"
+    if [[ -z "$trt" ]]; then
+        problems+=("TensorRT Python bindings missing ($where); install them: sudo apt-get install nvidia-jetpack")
+    elif [[ "$trt" == unknown ]]; then
+        problems+=("TensorRT Python bindings found, but without a readable __version__; TensorRT $MIN_TENSORRT or newer is required")
+    elif ! version_ge "$trt" "$MIN_TENSORRT"; then
+        problems+=("TensorRT $trt found; TensorRT $MIN_TENSORRT or newer is required (JetPack 6.1 and 6.2 ship TensorRT 10.3)")
     else
-        problems+=("CUDA not found at /usr/local/cuda; install it with: apt-get install nvidia-jetpack")
+        ok "TensorRT $trt"
     fi
-    if has_tensorrt; then
-        ok "TensorRT Python bindings importable"
+    if [[ -z "$cuda" && ! -d "$ROOT/usr/local/cuda" ]]; then
+        problems+=("CUDA not found at /usr/local/cuda; install it: sudo apt-get install nvidia-jetpack")
+    elif [[ -z "$cuda" ]]; then
+        problems+=("CUDA at /usr/local/cuda has no readable version.json; CUDA $CUDA_MAJOR.x is required")
+    elif [[ "${cuda%%.*}" != "$CUDA_MAJOR" ]]; then
+        problems+=("CUDA $cuda found; CUDA $CUDA_MAJOR.x is required: the tensorrt extra pins the cuda-python $CUDA_MAJOR line ($CUDA_PYTHON_PIN); JetPack 6.1 and 6.2 ship CUDA 12.6")
     else
-        problems+=("TensorRT Python bindings missing ($PYTHON -c 'import tensorrt' fails); install: apt-get install python3-libnvinfer")
+        ok "CUDA $cuda (the tensorrt extra's $CUDA_PYTHON_PIN expects CUDA $CUDA_MAJOR.x)"
     fi
     [[ ${#problems[@]} -eq 0 ]] && return 0
     PLATFORM_OK=0
@@ -158,11 +153,29 @@ check_platform() {
     for p in "${problems[@]}"; do
         printf 'unsupported: %s\n' "$p" >&2
     done
+    local found="no L4T (not a Jetson)"
+    [[ -n "$l4t" ]] && found="L4T R$l4t ($jetpack)"
+    printf 'found: %s, TensorRT %s, CUDA %s\n' "$found" "${trt:-none}" "${cuda:-none}" >&2
+    printf 'needed: JetPack 6.1 or newer: L4T R%s+, TensorRT %s+, CUDA %s.x (JetPack 6.1 and 6.2 ship TensorRT 10.3, CUDA 12.6)\n' \
+        "$MIN_L4T" "$MIN_TENSORRT" "$CUDA_MAJOR" >&2
+    if [[ -n "$l4t" ]] && version_ge "$l4t" 36 && ! version_ge "$l4t" "$MIN_L4T"; then
+        printf 'upgrade: on the box, switch the apt source to r36.4 and install JetPack 6.1+ (then reboot):\n' >&2
+        printf '  sudo sed -i "s/r36\\.[0-9]/r36.4/g" /etc/apt/sources.list.d/nvidia-l4t-apt-source.list\n' >&2
+        printf '  sudo apt-get update && sudo apt-get dist-upgrade && sudo apt-get install nvidia-jetpack\n' >&2
+        printf '  or reflash with JetPack 6.2 (NVIDIA SDK Manager)\n' >&2
+    elif [[ -n "$l4t" ]] && ! version_ge "$l4t" "$MIN_L4T"; then
+        printf 'upgrade: reflash with JetPack 6.2 (NVIDIA SDK Manager)\n' >&2
+    elif [[ -n "$cuda" && "${cuda%%.*}" != "$CUDA_MAJOR" ]]; then
+        printf 'fix: point /usr/local/cuda at JetPack'"'"'s CUDA %s.x (sudo update-alternatives --config cuda), or reinstall it: sudo apt-get install nvidia-jetpack\n' "$CUDA_MAJOR" >&2
+    elif [[ -n "$l4t" ]]; then
+        printf 'fix: install JetPack'"'"'s components: sudo apt-get install nvidia-jetpack\n' >&2
+    fi
     if [[ "$ALLOW_UNSUPPORTED" == 1 ]]; then
         warn "platform unsupported, going on (--allow-unsupported): the service will use ONNX Runtime, not TensorRT"
         return 0
     fi
-    printf 'error: this appliance needs a Jetson Orin with JetPack 6, CUDA and TensorRT.\n' >&2
+    printf 'error: this appliance needs a Jetson Orin with JetPack 6.1 or newer (TensorRT %s+, CUDA %s.x).\n' \
+        "$MIN_TENSORRT" "$CUDA_MAJOR" >&2
     printf '       Nothing was changed. On a development machine, add --allow-unsupported.\n' >&2
     exit 2
 }
@@ -203,12 +216,69 @@ service_ids() {
 }
 
 # ---------------------------------------------------------------- steps
+# The config is written once, from the template, with the chosen [models] precision (and
+# calibration_dir for int8); an existing one is kept (choose_precision warned on a mismatch).
 ensure_config() {
+    local models="precision = \"$PRECISION\""
+    [[ "$PRECISION" == int8 ]] && models+=", calibration_dir = \"$CALIBRATION\""
     if [[ -f "$CONFIG" ]]; then
         ok "$CONFIG exists, kept as is (template: $SCRIPT_DIR/edge.toml)"
         return 0
     fi
-    act "write default config $CONFIG" install -m 0640 -o "$ADMIN_UID" -g "$SVC_GID" "$SCRIPT_DIR/edge.toml" "$CONFIG"
+    act "write config $CONFIG from the template, with [models] $models" write_config "$SCRIPT_DIR/edge.toml" "$CONFIG"
+}
+
+write_config() {
+    local tmp
+    tmp="$(mktemp "$(dirname "$2")/.edge.toml.XXXXXX")"
+    if render_config "$1" >"$tmp" && install -m 0640 -o "$ADMIN_UID" -g "$SVC_GID" "$tmp" "$2"; then
+        rm -f "$tmp"
+        return 0
+    fi
+    rm -f "$tmp"
+    return 1
+}
+
+# render_config TEMPLATE: the template with [models] precision (and calibration_dir for
+# int8) set: a key already there (set or commented out) gets the value, keeping its
+# comment; a missing one is added under [models].
+render_config() {
+    local calibration=""
+    [[ "$PRECISION" == int8 ]] && calibration="$CALIBRATION"
+    EDGE_PRECISION="$PRECISION" EDGE_CALIBRATION="$calibration" awk '
+        function header(line) { return line ~ /^[[:space:]]*\[/ }
+        function is_models(line) { return line ~ /^[[:space:]]*\[models\][[:space:]]*(#.*)?$/ }
+        function keyed(line, key) { return line ~ ("^[#[:space:]]*" key "[[:space:]]*=") }
+        function setting(line, key, value,   rest) {
+            rest = line
+            sub("^[#[:space:]]*" key "[[:space:]]*=[[:space:]]*(\"[^\"]*\")?", "", rest)
+            return key " = \"" value "\"" rest
+        }
+        BEGIN {
+            keys[++n] = "precision"; want["precision"] = ENVIRON["EDGE_PRECISION"]
+            if (ENVIRON["EDGE_CALIBRATION"] != "") { keys[++n] = "calibration_dir"; want["calibration_dir"] = ENVIRON["EDGE_CALIBRATION"] }
+        }
+        FNR == 1 { models = 0 }
+        NR == FNR {   # first pass: which keys [models] has
+            if (header($0)) models = is_models($0)
+            else if (models) for (i = 1; i <= n; i++) if (keyed($0, keys[i])) has[keys[i]] = 1
+            next
+        }
+        header($0) {
+            models = is_models($0)
+            print
+            if (models) { seen = 1; for (i = 1; i <= n; i++) if (!(keys[i] in has)) print setting("", keys[i], want[keys[i]]) }
+            next
+        }
+        models {
+            for (i = 1; i <= n; i++) if (!(keys[i] in done) && keyed($0, keys[i])) {
+                print setting($0, keys[i], want[keys[i]]); done[keys[i]] = 1; next
+            }
+        }
+        { print }
+        END {
+            if (!seen) { print ""; print "[models]"; for (i = 1; i <= n; i++) print setting("", keys[i], want[keys[i]]) }
+        }' "$1" "$1"
 }
 
 ensure_engines() {
@@ -217,26 +287,21 @@ ensure_engines() {
         return 0
     fi
     if [[ -n "$ROOT" ]]; then
-        skip "TensorRT engines must be built on the target machine (--root); run 'edge engines build' there"
+        skip "TensorRT engines must be built on the target machine (--root); there run: $(engines_on_target)"
         return 0
     fi
-    local edge="$VENV/bin/edge"
+    local edge_cli="$VENV/bin/edge" rc=0
     if [[ "$DRY_RUN" == 1 ]]; then
-        printf 'would: build TensorRT engines (%s engines build --precision %s, as %s)\n' "$edge" "$PRECISION" "$SERVICE_USER"
-        printf 'would: verify engines against ONNX Runtime (%s engines verify)\n' "$edge"
+        engines_plan "$edge_cli" "$EDGE_ETC/edge.toml"
         return 0
     fi
-    if as_service_user "$edge" --config "$EDGE_ETC/edge.toml" engines verify >/dev/null 2>&1; then
-        ok "engines built and verified"
+    ensure_engines_built "$edge_cli" "$EDGE_ETC/edge.toml" || rc=$?
+    [[ "$rc" == 0 ]] && return 0
+    if [[ "$PLATFORM_OK" != 1 ]]; then
+        warn "engines: $ENGINE_PROBLEM; on this unsupported platform the service will use ONNX Runtime"
         return 0
     fi
-    if ! as_service_user "$edge" --config "$EDGE_ETC/edge.toml" engines build "${BUILD_ARGS[@]}" \
-            || ! as_service_user "$edge" --config "$EDGE_ETC/edge.toml" engines verify; then
-        [[ "$PLATFORM_OK" == 1 ]] && die "engine build or verification failed; see the output above"
-        warn "engine build/verify failed on this unsupported platform; the service will use ONNX Runtime"
-        return 0
-    fi
-    printf 'done: build and verify engines (%s)\n' "$PRECISION"
+    die "engines: $ENGINE_PROBLEM. The steps before are kept; fix this and run install.sh again"
 }
 
 ensure_performance() {

@@ -24,6 +24,16 @@ if [[ "$(id -u)" != 0 ]]; then
     ADMIN_GID="$(id -g)"
 fi
 
+# What the appliance runs on: JetPack 6.1 or newer (L4T R36.4+) for TensorRT 10; CUDA 12.x,
+# because the `tensorrt` extra pins the cuda-python 12 line (cuda-python>=12.2,<13).
+# JetPack 6.0 (L4T R36.2/R36.3) has TensorRT 8.6 and is refused.
+MIN_L4T=36.4
+MIN_TENSORRT=10
+CUDA_MAJOR=12
+CUDA_PYTHON_PIN="cuda-python>=12.2,<13"
+PRECISIONS="fp16 fp32 int8"
+DEFAULT_PRECISION=fp16
+
 ROOT="${ROOT:-}"
 DRY_RUN="${DRY_RUN:-0}"
 SERVICE_USER="${SERVICE_USER:-edge}"
@@ -186,4 +196,210 @@ systemctl_root() {
     else
         systemctl "$@"
     fi
+}
+
+# ---------------------------------------------------------------- platform
+# version_ge A B: true when dotted version A >= B (missing fields count as 0).
+version_ge() {
+    local -a a b
+    local i n x y
+    IFS=. read -r -a a <<<"$1"
+    IFS=. read -r -a b <<<"$2"
+    n=$(( ${#a[@]} > ${#b[@]} ? ${#a[@]} : ${#b[@]} ))
+    for (( i = 0; i < n; i++ )); do
+        x=$(( 10#${a[i]:-0} ))
+        y=$(( 10#${b[i]:-0} ))
+        (( x > y )) && return 0
+        (( x < y )) && return 1
+    done
+    return 0
+}
+
+# l4t_version: the Jetson Linux version ("36.4.3") from $ROOT/etc/nv_tegra_release, which
+# reads "# R36 (release), REVISION: 4.3, ...", or from the nvidia-l4t-core package.
+# Nothing when this is not a Jetson.
+l4t_version() {
+    local file="$ROOT/etc/nv_tegra_release" ver
+    if [[ -f "$file" ]]; then
+        sed -n 's/^# R\([0-9]\{1,\}\) (release), REVISION: \([0-9.]\{1,\}\).*/\1.\2/p' "$file" | head -n 1
+        return 0
+    fi
+    if command -v dpkg-query >/dev/null 2>&1; then
+        ver="$(dpkg-query --admindir="$ROOT/var/lib/dpkg" -W -f='${Version}' nvidia-l4t-core 2>/dev/null || true)"
+        [[ "$ver" =~ ^([0-9]+(\.[0-9]+)*) ]] && printf '%s\n' "${BASH_REMATCH[1]}"
+    fi
+    return 0
+}
+
+# jetpack_name L4T_VERSION: the JetPack release that ships this Jetson Linux version.
+jetpack_name() {
+    local v=$1
+    if ! version_ge "$v" 36; then printf 'JetPack 5 or older\n'
+    elif ! version_ge "$v" 36.2; then printf 'a JetPack 6 developer preview\n'
+    elif ! version_ge "$v" 36.4; then printf 'JetPack 6.0\n'
+    elif ! version_ge "$v" 36.4.3; then printf 'JetPack 6.1\n'
+    elif ! version_ge "$v" 36.4.4; then printf 'JetPack 6.2\n'
+    elif ! version_ge "$v" 37; then printf 'JetPack 6.2 or a later 6.x\n'
+    else printf 'a release newer than JetPack 6\n'
+    fi
+}
+
+# tensorrt_version PYTHON: the version of JetPack's TensorRT Python bindings: with --root
+# the __version__ in the target's dist-packages/tensorrt/__init__.py, on the running
+# system what PYTHON imports. Nothing when they are missing; "unknown" when present but
+# without a readable version.
+tensorrt_version() {
+    local python=$1 init ver=""
+    if [[ -n "$ROOT" ]]; then
+        for init in "$ROOT"/usr/lib/python3.10/dist-packages/tensorrt/__init__.py \
+                    "$ROOT"/usr/lib/python3*/dist-packages/tensorrt/__init__.py; do
+            [[ -f "$init" ]] || continue
+            ver="$(sed -n "s/^__version__[[:space:]]*=[[:space:]]*[\"']\([0-9][0-9.]*\).*/\1/p" "$init" | head -n 1)"
+            printf '%s\n' "${ver:-unknown}"
+            return 0
+        done
+        return 0
+    fi
+    ver="$("$python" -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null)" || return 0
+    if [[ "$ver" =~ ^([0-9]+(\.[0-9]+)*) ]]; then
+        printf '%s\n' "${BASH_REMATCH[1]}"
+    else
+        printf 'unknown\n'
+    fi
+}
+
+# cuda_version: CUDA's version ("12.6.68") from $ROOT/usr/local/cuda/version.json
+# ("cuda": {"version": ...}). Nothing when the file is missing or has no such entry.
+cuda_version() {
+    local file="$ROOT/usr/local/cuda/version.json" json
+    [[ -f "$file" ]] || return 0
+    json="$(tr -d '\n\r' <"$file")"
+    if [[ "$json" =~ \"cuda\"[[:space:]]*:[[:space:]]*\{[^}]*\"version\"[[:space:]]*:[[:space:]]*\"([0-9]+(\.[0-9]+)*)\" ]]; then
+        printf '%s\n' "${BASH_REMATCH[1]}"
+    fi
+    return 0
+}
+
+# ---------------------------------------------------------------- precision and engines
+# models_setting FILE KEY: the string value of KEY in FILE's [models] table (set, not a
+# comment), or nothing.
+models_setting() {
+    [[ -f "$1" && -r "$1" ]] || return 0
+    awk -v key="$2" '
+        /^[[:space:]]*\[/ { models = ($0 ~ /^[[:space:]]*\[models\][[:space:]]*(#.*)?$/); next }
+        models && $0 ~ "^[[:space:]]*" key "[[:space:]]*=" {
+            if (match($0, /"[^"]*"/)) { print substr($0, RSTART + 1, RLENGTH - 2); exit }
+        }' "$1"
+}
+
+# choose_precision CONFIG: settle PRECISION and CALIBRATION (the options, unset when not
+# given) against the installed CONFIG's [models] precision/calibration_dir, then set
+# ENGINE_ARGS, the arguments every `edge engines build` and `edge engines verify` call gets.
+# Without --precision the config's choice is kept, so the engines built and verified are
+# the ones the service loads; a --precision that differs from the config is warned about.
+# Calibration paths are the target's: with --root they are checked under $ROOT.
+choose_precision() {
+    local config=$1 have have_calibration from="--precision" set_as
+    if [[ -f "$config" && ! -r "$config" ]]; then
+        warn "cannot read $config (run as root): its [models] precision is not known here"
+        config=""
+    fi
+    have="$(models_setting "$config" precision)"
+    have_calibration="$(models_setting "$config" calibration_dir)"
+    set_as="${have:-$DEFAULT_PRECISION}"
+    if [[ -z "$PRECISION" ]]; then
+        PRECISION="$set_as"
+        if [[ -n "$have" ]]; then
+            from="$config [models] precision"
+            ok "precision $PRECISION, as $config sets"
+            if [[ "$PRECISION" == int8 && -z "$CALIBRATION" ]]; then
+                CALIBRATION="$have_calibration"
+                [[ -n "$CALIBRATION" ]] || die "$config sets [models] precision = \"int8\" without calibration_dir; set it there, or pass --calibration DIR"
+            fi
+        fi
+    elif [[ -f "$config" && "$PRECISION" != "$set_as" ]]; then
+        local shown="\"$have\""
+        [[ -n "$have" ]] || shown="unset (the default, $DEFAULT_PRECISION)"
+        warn "$config has [models] precision $shown," \
+             "but --precision is $PRECISION: the engines built and verified now are $PRECISION, the service" \
+             "loads $set_as engines. The config is kept as is: set precision = \"$PRECISION\" in its" \
+             "[models] table, or run again with --precision $set_as"
+    fi
+    [[ " $PRECISIONS " == *" $PRECISION "* ]] || die "$from: '$PRECISION' is not fp16, fp32 or int8"
+    ENGINE_ARGS=(--precision "$PRECISION")
+    if [[ "$PRECISION" != int8 ]]; then
+        [[ -z "$CALIBRATION" ]] || die "--calibration is only used with precision int8, not $PRECISION"
+        return 0
+    fi
+    [[ -n "$CALIBRATION" ]] || die "--precision int8 needs --calibration DIR (a folder of model-input tensors as .npy files, readable by $SERVICE_USER); without one use fp16"
+    if [[ -n "$ROOT" ]]; then
+        [[ "$CALIBRATION" == /* ]] || die "--calibration: with --root give the folder's path on the target (absolute), not $CALIBRATION"
+    elif [[ -d "$CALIBRATION" ]]; then
+        CALIBRATION="$(cd "$CALIBRATION" && pwd)"
+    fi
+    [[ "$CALIBRATION" != *[[:cntrl:]\"\\]* ]] || die "--calibration: the path must not hold quotes, backslashes or control characters"
+    [[ -d "$ROOT$CALIBRATION" ]] || die "--calibration: $ROOT$CALIBRATION is not a folder"
+    compgen -G "$ROOT$CALIBRATION/*.npy" >/dev/null || die "--calibration: $ROOT$CALIBRATION holds no .npy files (model-input tensors)"
+    if [[ -f "$config" && "$have" == int8 && "$have_calibration" != "$CALIBRATION" ]]; then
+        warn "$config sets [models] calibration_dir = \"$have_calibration\", the engines are built now with" \
+             "$CALIBRATION. The config is kept as is: set calibration_dir there so the service loads these engines"
+    fi
+    ENGINE_ARGS+=(--calibration "$CALIBRATION")
+}
+
+# engines_plan EDGE CONFIG: what ensure_engines_built would do (--dry-run).
+engines_plan() {
+    local cmd="$1 --config $2 engines"
+    printf 'would: check the cached %s engines (as %s): %s verify %s; exit 0: keep them, 3: build them, other: report\n' \
+        "$PRECISION" "$SERVICE_USER" "$cmd" "${ENGINE_ARGS[*]}"
+    printf 'would: build TensorRT engines when none are cached: %s build %s\n' "$cmd" "${ENGINE_ARGS[*]}"
+    printf 'would: verify the new engines against ONNX Runtime: %s verify %s\n' "$cmd" "${ENGINE_ARGS[*]}"
+}
+
+# engines_on_target: the commands to run on the target, for --root runs that cannot build.
+engines_on_target() {
+    printf 'edge engines build %s && edge engines verify %s' "${ENGINE_ARGS[*]}" "${ENGINE_ARGS[*]}"
+}
+
+# ensure_engines_built EDGE CONFIG: the engines of the chosen precision, built and checked
+# against ONNX Runtime. `engines verify` never builds, so it is the probe: exit 0 the
+# cached engines are good; 3 none of this precision yet, so build then verify; anything
+# else is reported. Returns 0, or the failing command's exit status with ENGINE_PROBLEM
+# saying what failed.
+ensure_engines_built() {
+    local edge_cli=$1 config=$2 rc=0 out
+    local -a cmd=("$edge_cli" --config "$config" engines)
+    ENGINE_PROBLEM=""
+    out="$(as_service_user "${cmd[@]}" verify "${ENGINE_ARGS[@]}" 2>&1)" || rc=$?
+    case "$rc" in
+        0) ok "$PRECISION engines built and verified against ONNX Runtime"; return 0 ;;
+        3) printf 'no %s engines built yet: building them (this takes minutes)\n' "$PRECISION" ;;
+        *) [[ -z "$out" ]] || printf '%s\n' "$out" >&2
+           ENGINE_PROBLEM="$(engine_problem verify "$rc")"
+           return "$rc" ;;
+    esac
+    rc=0
+    as_service_user "${cmd[@]}" build "${ENGINE_ARGS[@]}" || rc=$?
+    if [[ "$rc" != 0 ]]; then
+        ENGINE_PROBLEM="$(engine_problem build "$rc")"
+        return "$rc"
+    fi
+    as_service_user "${cmd[@]}" verify "${ENGINE_ARGS[@]}" || rc=$?
+    if [[ "$rc" != 0 ]]; then
+        ENGINE_PROBLEM="$(engine_problem verify "$rc")"
+        return "$rc"
+    fi
+    printf 'done: build and verify %s engines\n' "$PRECISION"
+}
+
+# engine_problem build|verify STATUS: what an exit status of `edge engines ...` means.
+engine_problem() {
+    local what=$1 rc=$2
+    case "$what:$rc" in
+        verify:1) printf '%s engines differ from ONNX Runtime (edge engines verify exit 1, output above); rebuild them: edge engines build %s --force' "$PRECISION" "${ENGINE_ARGS[*]}" ;;
+        verify:3) printf 'edge engines verify finds no %s engine right after the build (exit 3)' "$PRECISION" ;;
+        build:1) printf 'a model failed to build as a %s engine (edge engines build exit 1, output above)' "$PRECISION" ;;
+        *:2) printf 'TensorRT or the GPU is not usable here, or the request was refused (edge engines %s exit 2, output above)' "$what" ;;
+        *) printf 'edge engines %s exited %s' "$what" "$rc" ;;
+    esac
 }

@@ -2,7 +2,9 @@
 # Update the edge appliance to a new release, beside the running one, with automatic
 # rollback:
 #   1. install /opt/edge/<new> (virtualenv + pip) while <old> keeps serving
-#   2. build and verify the TensorRT engines for <new>; on failure stop, nothing switched
+#   2. the TensorRT engines for <new>, of the precision the service loads: `engines verify`
+#      probes the cache (never builds); none yet -> build, then verify; on failure stop,
+#      nothing switched
 #   3. switch /opt/edge/current to <new> atomically (rename), keep /opt/edge/previous
 #   4. restart edge.service and run the health check, with retries for --health-timeout s
 #   5. unhealthy: switch current back to <old>, restart, check again; exit 1
@@ -24,10 +26,13 @@ Options:
   --root DIR            act on DIR instead of / (tests, images); no restarts
   --dry-run             print every action without doing it
   --python PATH         base interpreter for the virtualenv (default: $DEFAULT_PYTHON)
-  --extras LIST         pip extras (default: tensorrt; "" for none)
+  --extras LIST         pip extras (default: tensorrt, which pins $CUDA_PYTHON_PIN;
+                        "" for none)
   --wheelhouse DIR      install offline from wheels in DIR
+  --precision P         engine precision: fp16, fp32, int8 (default: the config's
+                        [models] precision, else fp16); every build/verify uses it
   --calibration DIR     INT8 calibration tensors (.npy), needed with --precision int8
-  --precision P         engine precision: fp16 (default), fp32, int8
+                        (default with int8 from the config: its calibration_dir)
   --health-timeout S    how long the new release has to become healthy (default 60)
   --health-cmd CMD      health check command (default: the new release's
                         healthcheck.sh --config /etc/edge/edge.toml)
@@ -48,7 +53,7 @@ RELEASE=""
 PYTHON="$DEFAULT_PYTHON"
 EXTRAS="tensorrt"
 WHEELHOUSE=""
-PRECISION="fp16"
+PRECISION=""      # unset: the config's [models] precision, else fp16
 CALIBRATION=""
 HEALTH_TIMEOUT=60
 HEALTH_CMD=""
@@ -79,14 +84,6 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-case "$PRECISION" in fp16|fp32|int8) ;; *) die "--precision: '$PRECISION' is not fp16, fp32 or int8" ;; esac
-BUILD_ARGS=(--precision "$PRECISION")
-if [[ -n "$CALIBRATION" ]]; then
-    [[ -d "$CALIBRATION" ]] || die "--calibration: $CALIBRATION is not a directory"
-    BUILD_ARGS+=(--calibration "$(cd "$CALIBRATION" && pwd)")
-elif [[ "$PRECISION" == int8 ]]; then
-    die "--precision int8 needs --calibration DIR (model-input tensors as .npy files)"
-fi
 [[ "$HEALTH_TIMEOUT" =~ ^[0-9]+$ ]] || die "--health-timeout: '$HEALTH_TIMEOUT' is not a number of seconds"
 if [[ -n "$ROOT" ]]; then
     [[ -d "$ROOT" ]] || die "--root: $ROOT does not exist"
@@ -190,6 +187,7 @@ if [[ "$RELEASE" == "$OLD" && "$FORCE" != 1 ]]; then
     exit 0
 fi
 [[ "$RELEASE" != "$OLD" ]] || die "--force cannot reinstall the release that is running; use another --release name"
+choose_precision "$ROOT$CONFIG_ON_BOX"   # sets PRECISION, CALIBRATION and ENGINE_ARGS
 NEW_DIR="$PREFIX/$RELEASE"
 VENV="$NEW_DIR/venv"
 echo "updating: $OLD -> $RELEASE (from $SOURCE)"
@@ -217,15 +215,13 @@ fi
 if [[ "$DO_ENGINES" != 1 ]]; then
     skip "TensorRT engines (--no-engines)"
 elif [[ -n "$ROOT" ]]; then
-    skip "TensorRT engines must be built on the target machine (--root)"
+    skip "TensorRT engines for $RELEASE must be built on the target machine (--root); there run: $(engines_on_target)"
 elif [[ "$DRY_RUN" == 1 ]]; then
-    printf 'would: build TensorRT engines for %s (%s) and verify them against ONNX Runtime\n' "$RELEASE" "$PRECISION"
+    engines_plan "$VENV/bin/edge" "$CONFIG_ON_BOX"
 else
-    if ! as_service_user "$VENV/bin/edge" --config "$CONFIG_ON_BOX" engines build "${BUILD_ARGS[@]}" \
-            || ! as_service_user "$VENV/bin/edge" --config "$CONFIG_ON_BOX" engines verify; then
-        die "engines for $RELEASE failed to build or verify; nothing was switched, $OLD is still running"
-    fi
-    printf 'done: build and verify engines for %s (%s)\n' "$RELEASE" "$PRECISION"
+    rc=0
+    ensure_engines_built "$VENV/bin/edge" "$CONFIG_ON_BOX" || rc=$?
+    [[ "$rc" == 0 ]] || die "engines for $RELEASE: $ENGINE_PROBLEM. Nothing was switched, $OLD is still running"
 fi
 
 switch_to "$RELEASE" "$OLD"

@@ -8,6 +8,7 @@ a Jetson alone, are replaced by small scripts on PATH.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import hashlib
 import os
 import re
@@ -24,11 +25,35 @@ from pathlib import Path
 import pytest
 from conftest import free_port, wait_for_port
 
+try:
+    import tomllib
+except ImportError:   # Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parents[1]
 FW = REPO / "firmware_scripts"
 SCRIPTS = sorted(FW.glob("*.sh"))
 VERSION = re.search(r"^version\s*=\s*(\S+)", (REPO / "setup.cfg").read_text(), re.M).group(1)
-L4T_R36 = "# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64, DATE: Mon May  6 17:34:21 UTC 2024\n"
+# What each JetPack 6 release puts on the box: L4T revision, TensorRT, CUDA.
+JETPACK = {
+    "6.0": ("36.3.0", "8.6.2", "12.2.140"),
+    "6.1": ("36.4.0", "10.3.0", "12.6.68"),
+    "6.2": ("36.4.3", "10.3.0", "12.6.68"),
+}
+
+
+def nv_tegra_release(l4t: str) -> str:
+    """/etc/nv_tegra_release as Jetson Linux writes it, for L4T version "36.4.3"."""
+    major, revision = l4t.split(".", 1)
+    return (f"# R{major} (release), REVISION: {revision}, GCID: 38968081, BOARD: generic, "
+            "EABI: aarch64, DATE: Tue Jan  7 17:35:12 UTC 2025\n")
+
+
+def cuda_version_json(version: str) -> str:
+    """/usr/local/cuda/version.json; a component listed first, so the "cuda" entry is found by key."""
+    return ('{\n   "libcublas" : {\n      "name" : "CUDA cuBLAS",\n      "version" : "12.6.1.4"\n   },\n'
+            f'   "cuda" : {{\n      "name" : "CUDA SDK",\n      "version" : "{version}"\n   }},\n'
+            '   "cuda_cudart" : {\n      "name" : "CUDA Runtime (cudart)",\n      "version" : "12.6.68"\n   }\n}\n')
 
 
 def run(*args: str | Path, check: bool = False, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -54,8 +79,14 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
-def make_root(tmp_path: Path, l4t: str | None = L4T_R36, cuda: bool = True, tensorrt: bool = True) -> Path:
-    """A target tree like a JetPack image: passwd/group files, L4T release, CUDA, TensorRT."""
+def make_root(tmp_path: Path, jetpack: str = "6.2", *, l4t: str | None = "", tensorrt: str | None = "",
+              cuda: str | None = "") -> Path:
+    """A target tree like a JetPack image: passwd/group files, L4T release, CUDA, TensorRT.
+
+    The versions are the given JetPack release's; pass one to change it, None to leave it out.
+    """
+    jp_l4t, jp_trt, jp_cuda = JETPACK[jetpack]
+    l4t, tensorrt, cuda = (jp if v == "" else v for v, jp in ((l4t, jp_l4t), (tensorrt, jp_trt), (cuda, jp_cuda)))
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     users = "root:x:0:0:root:/root:/bin/bash\n"
@@ -72,13 +103,14 @@ def make_root(tmp_path: Path, l4t: str | None = L4T_R36, cuda: bool = True, tens
     (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
     (root / "etc/gshadow").write_text("root:*::\n" + "".join(f"{line.split(':')[0]}:!::\n" for line in groups.splitlines()[1:]))
     if l4t:
-        (root / "etc/nv_tegra_release").write_text(l4t)
+        (root / "etc/nv_tegra_release").write_text(nv_tegra_release(l4t))
     if cuda:
         (root / "usr/local/cuda").mkdir(parents=True)
+        (root / "usr/local/cuda/version.json").write_text(cuda_version_json(cuda))
     if tensorrt:
         trt = root / "usr/lib/python3.10/dist-packages/tensorrt"
         trt.mkdir(parents=True)
-        (trt / "__init__.py").write_text("")
+        (trt / "__init__.py").write_text(f'import ctypes\n\n__version__ = "{tensorrt}"\n')
     return root
 
 
@@ -189,6 +221,21 @@ def test_config_template_loads_with_the_appliance_loader():
 
 # ---------------------------------------------------------------- install.sh
 
+def lib_value(name: str) -> str:
+    """A setting of firmware_scripts/lib.sh, as the scripts see it."""
+    return run("bash", "-c", f'. "{FW}/lib.sh"; printf %s "${name}"', check=True).stdout
+
+
+def engine_lines(out: str) -> list[str]:
+    """The lines of a script's output that run or plan `edge engines build|verify`."""
+    return [line for line in out.splitlines() if re.search(r"engines (build|verify)", line)]
+
+
+def config_body(text: str) -> list[str]:
+    """A config's lines without the [models] precision/calibration_dir ones (set or commented)."""
+    return [line for line in text.splitlines() if not re.match(r"[#\s]*(precision|calibration_dir)\s*=", line)]
+
+
 def test_install_dry_run_on_unsupported_machine(tmp_path):
     root = tmp_path / "empty"
     refused = run(FW / "install.sh", "--dry-run", "--root", root)
@@ -196,11 +243,12 @@ def test_install_dry_run_on_unsupported_machine(tmp_path):
     assert "not a Jetson" in refused.stderr and "--allow-unsupported" in refused.stderr
     proc = run(FW / "install.sh", "--dry-run", "--root", root, "--allow-unsupported")
     assert proc.returncode == 0, proc.stderr
+    assert "the service will use ONNX Runtime" in proc.stderr
     out = proc.stdout
     for line in ("would: create service user edge",
                  f"would: create virtualenv {root}/opt/edge/{VERSION}/venv (--system-site-packages)",
                  f"would: pip install {REPO}[tensorrt] into {root}/opt/edge/{VERSION}/venv",
-                 f"would: write default config {root}/etc/edge/edge.toml",
+                 f'would: write config {root}/etc/edge/edge.toml from the template, with [models] precision = "fp16"',
                  f"would: point {root}/opt/edge/current -> {VERSION}",
                  f"would: install {root}/etc/systemd/system/edge.service",
                  "would: enable edge.service",
@@ -211,18 +259,146 @@ def test_install_dry_run_on_unsupported_machine(tmp_path):
     assert list(root.rglob("*")) == []   # a dry run writes nothing
 
 
-@pytest.mark.parametrize("case, expect_rc, message", [
-    ("r36", 0, "ok: L4T R36.3.0 (JetPack 6)"),
-    ("r35", 2, "JetPack 6 (L4T R36) is required, this is L4T R35.4.1"),
-    ("no-trt", 2, "TensorRT Python bindings missing"),
-    ("no-cuda", 2, "CUDA not found at /usr/local/cuda"),
+@pytest.mark.parametrize("case, messages", [
+    ("jp6.1", ["ok: L4T R36.4.0 (JetPack 6.1)", "ok: TensorRT 10.3.0", "ok: CUDA 12.6.68"]),
+    ("jp6.2", ["ok: L4T R36.4.3 (JetPack 6.2)", "ok: TensorRT 10.3.0", "ok: CUDA 12.6.68"]),
+    ("r35", ["L4T R35.4.1 is JetPack 5 or older; JetPack 6.1 or newer (L4T R36.4 or newer) is required",
+             "reflash with JetPack 6.2"]),
+    ("no-trt", ["TensorRT Python bindings missing", "found: L4T R36.4.3 (JetPack 6.2), TensorRT none"]),
+    ("trt-no-version", ["TensorRT Python bindings found, but without a readable __version__"]),
+    ("trt-9", ["TensorRT 9.3.0 found; TensorRT 10 or newer is required"]),
+    ("no-cuda", ["CUDA not found at /usr/local/cuda"]),
+    ("cuda-no-version", ["CUDA at /usr/local/cuda has no readable version.json; CUDA 12.x is required"]),
+    ("cuda13", ["CUDA 13.0.48 found; CUDA 12.x is required", "cuda-python>=12.2,<13",
+                "found: L4T R36.4.3 (JetPack 6.2), TensorRT 10.3.0, CUDA 13.0.48"]),
 ])
-def test_install_platform_check_reads_the_target(tmp_path, case, expect_rc, message):
-    l4t = L4T_R36.replace("R36", "R35").replace("REVISION: 3.0", "REVISION: 4.1") if case == "r35" else L4T_R36
-    root = make_root(tmp_path, l4t=l4t, tensorrt=case != "no-trt", cuda=case != "no-cuda")
+def test_install_platform_check_reads_the_target(tmp_path, case, messages):
+    versions = {"jp6.1": {"jetpack": "6.1"}, "r35": {"l4t": "35.4.1"}, "no-trt": {"tensorrt": None},
+                "trt-9": {"tensorrt": "9.3.0"}, "no-cuda": {"cuda": None}, "cuda13": {"cuda": "13.0.48"}}
+    root = make_root(tmp_path, **versions.get(case, {}))
+    if case == "trt-no-version":
+        (root / "usr/lib/python3.10/dist-packages/tensorrt/__init__.py").write_text("from .tensorrt import *\n")
+    if case == "cuda-no-version":
+        (root / "usr/local/cuda/version.json").unlink()
+    before = snapshot(root)
     proc = run(FW / "install.sh", "--dry-run", "--root", root)
-    assert proc.returncode == expect_rc, proc.stdout + proc.stderr
-    assert message in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    for message in messages:
+        assert message in out, out
+    if case.startswith("jp"):
+        assert proc.returncode == 0, out
+        return
+    assert proc.returncode == 2, out
+    assert "needed: JetPack 6.1 or newer: L4T R36.4+, TensorRT 10+, CUDA 12.x" in proc.stderr
+    assert "Nothing was changed" in proc.stderr and "would:" not in proc.stdout
+    assert snapshot(root) == before
+
+
+def test_install_refuses_jetpack_6_0_with_the_reason(tmp_path):
+    root = make_root(tmp_path, "6.0")
+    before = snapshot(root)
+    proc = run(FW / "install.sh", "--dry-run", "--root", root, "--no-systemctl")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    for reason in ("L4T R36.3.0 is JetPack 6.0; JetPack 6.1 or newer (L4T R36.4 or newer) is required",
+                   "TensorRT 8.6.2 found; TensorRT 10 or newer is required",
+                   "found: L4T R36.3.0 (JetPack 6.0), TensorRT 8.6.2, CUDA 12.2.140",
+                   # how to upgrade: the apt source to r36.4, then JetPack's packages; or reflash
+                   "r36.4", "/etc/apt/sources.list.d/nvidia-l4t-apt-source.list",
+                   "sudo apt-get install nvidia-jetpack", "reflash with JetPack 6.2",
+                   "Nothing was changed"):
+        assert reason in err, err
+    assert "ok: CUDA 12.2.140" in proc.stdout   # CUDA 12.2 itself is fine
+    assert "would:" not in proc.stdout
+    assert snapshot(root) == before
+
+    # --allow-unsupported goes on, on ONNX Runtime
+    anyway = run(FW / "install.sh", "--dry-run", "--root", root, "--no-systemctl", "--allow-unsupported")
+    assert anyway.returncode == 0, anyway.stdout + anyway.stderr
+    assert "TensorRT 8.6.2 found" in anyway.stderr and "the service will use ONNX Runtime" in anyway.stderr
+    assert "would: create service user edge" in anyway.stdout
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("jetpack", ["6.1", "6.2"])
+@pytest.mark.parametrize("precision", [None, "fp32", "int8"])
+def test_install_dry_run_plan_on_supported_jetpack(tmp_path, jetpack, precision):
+    root = make_root(tmp_path, jetpack)
+    args, expect, calibration = [], "fp16", ""
+    if precision:
+        args, expect = ["--precision", precision], precision
+    if precision == "int8":
+        (root / "var/lib/edge/calibration").mkdir(parents=True)
+        (root / "var/lib/edge/calibration/chest-000.npy").write_bytes(b"\x93NUMPY")
+        args += ["--calibration", "/var/lib/edge/calibration"]   # the path on the target
+        calibration = ' --calibration /var/lib/edge/calibration'
+    before = snapshot(root)
+    proc = run(FW / "install.sh", "--dry-run", "--root", root, "--no-systemctl", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    l4t, trt, cuda = JETPACK[jetpack]
+    models = f'precision = "{expect}"' + (', calibration_dir = "/var/lib/edge/calibration"' if calibration else "")
+    for line in (f"ok: L4T R{l4t} (JetPack {jetpack})", f"ok: TensorRT {trt}", f"ok: CUDA {cuda}",
+                 "cuda-python>=12.2,<13",
+                 f"would: write config {root}/etc/edge/edge.toml from the template, with [models] {models}",
+                 f"would: pip install {REPO}[tensorrt] into {root}/opt/edge/{VERSION}/venv",
+                 f"edge engines build --precision {expect}{calibration} && "
+                 f"edge engines verify --precision {expect}{calibration}",
+                 "dry run: nothing was changed"):
+        assert line in out, out
+    assert "warning" not in proc.stderr, proc.stderr
+    assert snapshot(root) == before
+
+
+@pytest.mark.skipif(Path("/opt/edge/current").exists(), reason="an appliance is installed on this machine")
+@pytest.mark.parametrize("args, expect", [([], "--precision fp16"), (["--precision", "fp32"], "--precision fp32")])
+def test_install_dry_run_plans_every_engine_call_with_the_precision(tmp_path, args, expect):
+    """On the running system the plan is: probe with verify, build when none, verify."""
+    proc = run(FW / "install.sh", "--dry-run", "--allow-unsupported", "--no-performance", "--no-systemctl",
+               "--no-pip", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    venv_edge = f"/opt/edge/{VERSION}/venv/bin/edge --config /etc/edge/edge.toml engines"
+    assert engine_lines(proc.stdout) == [
+        f"would: check the cached {expect.split()[1]} engines (as edge): {venv_edge} verify {expect}; "
+        "exit 0: keep them, 3: build them, other: report",
+        f"would: build TensorRT engines when none are cached: {venv_edge} build {expect}",
+        f"would: verify the new engines against ONNX Runtime: {venv_edge} verify {expect}",
+    ], proc.stdout
+
+
+@pytest.mark.parametrize("script", ["install.sh", "update.sh"])
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "int8"], "--precision int8 needs --calibration DIR"),
+    (["--precision", "int8", "--calibration", "/var/lib/edge/calibration"],
+     "/var/lib/edge/calibration is not a folder"),
+    (["--precision", "int8", "--calibration", "/var/lib/edge/empty"], "holds no .npy files"),
+    (["--precision", "int8", "--calibration", "relative/dir"], "with --root give the folder's path on the target"),
+    (["--calibration", "/var/lib/edge/empty"], "--calibration is only used with precision int8, not fp16"),
+    (["--precision", "bf16"], "--precision: 'bf16' is not fp16, fp32 or int8"),
+])
+def test_engine_options_are_checked_before_anything_changes(tmp_path, script, args, message):
+    root = make_root(tmp_path)
+    (root / "var/lib/edge/empty").mkdir(parents=True)
+    if script == "update.sh":
+        assert install(root).returncode == 0
+        args = [*args, "--release", "0.2.0", "--no-pip"]
+    before = snapshot(root)
+    proc = run(FW / script, "--root", root, *args)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "done:" not in proc.stdout
+    assert snapshot(root) == before
+
+
+def test_cuda_python_pin_matches_setup_cfg():
+    """The CUDA line the scripts check is the one the `tensorrt` extra installs bindings for."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    extra = [line.strip() for line in cfg["options.extras_require"]["tensorrt"].splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    pin = next(req for req in extra if req.startswith("cuda-python"))
+    assert lib_value("CUDA_PYTHON_PIN") == pin
+    assert f"<{int(lib_value('CUDA_MAJOR')) + 1}" in pin.split(",")
 
 
 def test_install_twice_changes_nothing_the_second_time(tmp_path):
@@ -235,7 +411,9 @@ def test_install_twice_changes_nothing_the_second_time(tmp_path):
     data = (root / "var/lib/edge").stat()
     assert (data.st_uid, data.st_gid, data.st_mode & 0o777) == (uid, gid, 0o750)
     assert os.readlink(root / "opt/edge/current") == VERSION
-    assert (root / "etc/edge/edge.toml").read_text() == (FW / "edge.toml").read_text()
+    installed = (root / "etc/edge/edge.toml").read_text()
+    assert config_body(installed) == config_body((FW / "edge.toml").read_text())
+    assert tomllib.loads(installed)["models"]["precision"] == "fp16"
     assert (root / f"opt/edge/{VERSION}/firmware_scripts/healthcheck.sh").exists()
     if shutil.which("systemctl"):
         assert (root / "etc/systemd/system/multi-user.target.wants/edge.service").is_symlink()
@@ -254,6 +432,90 @@ def test_install_twice_changes_nothing_the_second_time(tmp_path):
     assert "SITE_AI" in (root / "etc/edge/edge.toml").read_text()
     assert f"done: install {root}/etc/systemd/system/edge.service" in third.stdout
     assert (root / "etc/systemd/system/edge.service").read_text() == (FW / "edge.service").read_text()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_install_writes_the_chosen_precision_into_a_new_config_only(tmp_path, precision):
+    root = make_root(tmp_path)
+    args = ["--precision", precision]
+    if precision == "int8":
+        (root / "var/lib/edge/calibration").mkdir(parents=True)
+        (root / "var/lib/edge/calibration/chest-000.npy").write_bytes(b"\x93NUMPY")
+        args += ["--calibration", "/var/lib/edge/calibration"]
+    first = install(root, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f'done: write config {root}/etc/edge/edge.toml from the template, with [models] precision = "{precision}"' \
+        in first.stdout
+    config = root / "etc/edge/edge.toml"
+    text = config.read_text()
+    models = tomllib.loads(text)["models"]   # valid TOML, no key twice
+    assert models["precision"] == precision
+    assert models.get("calibration_dir") == ("/var/lib/edge/calibration" if precision == "int8" else None)
+    assert config_body(text) == config_body((FW / "edge.toml").read_text())   # the rest is the template
+    assert config.stat().st_mode & 0o777 == 0o640
+
+    # Run again without --precision: the config's precision is used, nothing changes.
+    before = snapshot(root)
+    again = install(root)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"ok: precision {precision}, as {config} sets" in again.stdout
+    assert "warning" not in again.stderr and "done:" not in again.stdout
+    assert snapshot(root) == before
+
+    # Another --precision: the config is kept, with a warning that says what to do.
+    other = install(root, "--precision", "fp16")
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert f'warning: {config} has [models] precision "{precision}", but --precision is fp16' in other.stderr
+    assert f"set precision = \"fp16\" in its [models] table, or run again with --precision {precision}" in other.stderr
+    assert config.read_text() == text
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])
+def test_installed_config_loads_with_the_appliance_loader(tmp_path, precision):
+    config = pytest.importorskip("edge.config")
+    if "precision" not in {f.name for f in dataclasses.fields(config.ModelsConfig)}:
+        pytest.skip("edge.config does not read [models] precision yet")
+    root = make_root(tmp_path)
+    args = ["--precision", precision]
+    calibration = tmp_path / "calibration"   # a path that exists here and on the target tree
+    if precision == "int8":
+        for folder in (calibration, root / str(calibration).lstrip("/")):
+            folder.mkdir(parents=True)
+            (folder / "chest-000.npy").write_bytes(b"\x93NUMPY")
+        args += ["--calibration", str(calibration)]
+    proc = install(root, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cfg = config.load_config(root / "etc/edge/edge.toml")
+    assert cfg.models.precision == precision
+    assert cfg.models.calibration_dir == (str(calibration) if precision == "int8" else None)
+
+
+@pytest.mark.parametrize("models, expect", [
+    # commented-out examples get the value and keep their comments
+    ('[models]\n# precision = "fp16"   # fp16, fp32 or int8\n# calibration_dir = "/x"  # int8 only\nbackend = "auto"\n',
+     '[models]\nprecision = "int8"   # fp16, fp32 or int8\ncalibration_dir = "/var/lib/edge/calibration"  # int8 only\n'
+     'backend = "auto"\n'),
+    # a set value is replaced; calibration_dir is added under [models]
+    ('[models]\nbackend = "auto"\nprecision = "fp16"\n\n[delivery]\nmax_age_hours = 72\n',
+     '[models]\ncalibration_dir = "/var/lib/edge/calibration"\nbackend = "auto"\nprecision = "int8"\n\n'
+     '[delivery]\nmax_age_hours = 72\n'),
+    # no [models] table: one is added
+    ('[node]\nport = 11112\n', '[node]\nport = 11112\n\n[models]\nprecision = "int8"\n'
+     'calibration_dir = "/var/lib/edge/calibration"\n'),
+])
+def test_install_sets_precision_in_any_template_shape(tmp_path, models, expect):
+    fw = tmp_path / "firmware_scripts"
+    shutil.copytree(FW, fw)
+    (fw / "edge.toml").write_text(models)
+    root = make_root(tmp_path)
+    (root / "var/lib/edge/calibration").mkdir(parents=True)
+    (root / "var/lib/edge/calibration/a.npy").write_bytes(b"\x93NUMPY")
+    proc = run(fw / "install.sh", "--root", root, "--source", REPO, "--no-pip", "--no-engines", "--no-systemctl",
+               "--no-performance", "--precision", "int8", "--calibration", "/var/lib/edge/calibration")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (root / "etc/edge/edge.toml").read_text()
+    assert text == expect
+    assert tomllib.loads(text)["models"]["precision"] == "int8"
 
 
 def test_install_refuses_to_switch_versions(tmp_path):
@@ -306,6 +568,79 @@ def test_update_switches_and_rolls_back(tmp_path):
     manual = run(FW / "update.sh", "--root", root, "--rollback", "--health-cmd", "true")
     assert manual.returncode == 0, manual.stderr
     assert os.readlink(root / "opt/edge/current") == VERSION
+
+
+def test_update_passes_the_precision(tmp_path):
+    root = make_root(tmp_path)
+    (root / "var/lib/edge/calibration").mkdir(parents=True)
+    (root / "var/lib/edge/calibration/chest-000.npy").write_bytes(b"\x93NUMPY")
+    int8 = ["--precision", "int8", "--calibration", "/var/lib/edge/calibration"]
+    assert install(root, *int8).returncode == 0
+    update = [FW / "update.sh", "--dry-run", "--root", root, "--release", "0.2.0"]
+    int8_engines = ("there run: edge engines build --precision int8 --calibration /var/lib/edge/calibration && "
+                    "edge engines verify --precision int8 --calibration /var/lib/edge/calibration")
+
+    # No --precision: the engines the service loads, as the config says.
+    proc = run(*update)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ok: precision int8, as {root}/etc/edge/edge.toml sets" in proc.stdout
+    assert int8_engines in proc.stdout, proc.stdout
+
+    # An explicit one is passed to build and verify, and a mismatch with the config is warned about.
+    proc = run(*update, "--precision", "fp32")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "edge engines build --precision fp32 && edge engines verify --precision fp32" in proc.stdout
+    assert 'has [models] precision "int8", but --precision is fp32' in proc.stderr
+
+
+def fake_edge(tmp_path: Path, verify_rcs: list[int], build_rc: int = 0) -> tuple[Path, Path]:
+    """An `edge` CLI that logs its arguments; each verify exits with the next of verify_rcs."""
+    log, rcs = tmp_path / "calls.log", tmp_path / "verify-rcs"
+    rcs.write_text("".join(f"{rc}\n" for rc in verify_rcs))
+    edge = tmp_path / "edge"
+    edge.write_text(f"""#!/usr/bin/env bash
+printf '%s\\n' "$*" >> '{log}'
+case " $* " in
+    *" verify "*) n=$(grep -c ' verify ' '{log}'); echo "verify output $n"; exit "$(sed -n "${{n}}p" '{rcs}')" ;;
+    *) exit {build_rc} ;;
+esac
+""")
+    edge.chmod(0o755)
+    return edge, log
+
+
+@pytest.mark.parametrize("verify_rcs, build_rc, expect_rc, expect_calls, message", [
+    ([0], 0, 0, ["verify"], "ok: {p} engines built and verified against ONNX Runtime"),
+    ([3, 0], 0, 0, ["verify", "build", "verify"], "done: build and verify {p} engines"),
+    ([1], 0, 1, ["verify"], "{p} engines differ from ONNX Runtime (edge engines verify exit 1"),
+    ([2], 0, 2, ["verify"], "TensorRT or the GPU is not usable here"),
+    ([3], 1, 1, ["verify", "build"], "a model failed to build as a {p} engine"),
+    ([3, 1], 0, 1, ["verify", "build", "verify"], "{p} engines differ from ONNX Runtime"),
+    ([3, 3], 0, 3, ["verify", "build", "verify"], "finds no {p} engine right after the build"),
+], ids=["cached", "none-yet", "mismatch", "no-gpu", "build-fails", "new-mismatch", "still-none"])
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_engines_probe_builds_only_when_none_of_that_precision(tmp_path, verify_rcs, build_rc, expect_rc,
+                                                               expect_calls, message, precision):
+    """install.sh and update.sh share this: verify (never builds) is the probe; every call has the precision."""
+    edge, log = fake_edge(tmp_path, verify_rcs, build_rc)
+    calibration = ""
+    if precision == "int8":
+        (tmp_path / "calibration").mkdir()
+        (tmp_path / "calibration/chest-000.npy").write_bytes(b"\x93NUMPY")
+        calibration = str(tmp_path / "calibration")
+    me = run("id", "-un", check=True).stdout.strip()
+    script = (f'. "{FW}/lib.sh"; PRECISION={precision}; CALIBRATION="{calibration}"; choose_precision /nonexistent; '
+              f'rc=0; ensure_engines_built "{edge}" /etc/edge/edge.toml || rc=$?; '
+              'echo "rc=$rc"; echo "problem=$ENGINE_PROBLEM"')
+    proc = run("bash", "-euo", "pipefail", "-c", script, env={"SERVICE_USER": me})
+    out = proc.stdout + proc.stderr
+    assert f"rc={expect_rc}" in proc.stdout, out
+    assert message.format(p=precision) in out, out
+    calls = log.read_text().splitlines()
+    args = f"--precision {precision}" + (f" --calibration {calibration}" if calibration else "")
+    assert calls == [f"--config /etc/edge/edge.toml engines {what} {args}" for what in expect_calls]
+    if expect_rc not in (0, 3) and expect_calls == ["verify"]:
+        assert "verify output 1" in proc.stderr   # the probe's numbers are shown when it fails
 
 
 # ---------------------------------------------------------------- jetson_performance.sh
@@ -430,7 +765,8 @@ def _edge_serve_available() -> str | None:
     return str(edge) if proc.returncode == 0 else None
 
 
-def test_healthcheck_against_edge_serve(tmp_path):
+@pytest.mark.parametrize("web_tls", [False, True], ids=["http", "https"])
+def test_healthcheck_against_edge_serve(tmp_path, web_tls):
     edge = _edge_serve_available()
     if edge is None:
         pytest.skip("`edge serve` is not available yet (edge serve --help fails)")
@@ -454,6 +790,16 @@ def test_healthcheck_against_edge_serve(tmp_path):
                       .replace('"/var/lib/edge/engines"', f'"{data}/engines"')
                       .replace('dir = "/var/lib/edge"', f'dir = "{data}"')
                       .replace('backend = "auto"', 'backend = "onnxruntime"'))
+    if web_tls:   # the status page over HTTPS: the check must follow it
+        if not shutil.which("openssl"):
+            pytest.skip("openssl is not installed: no certificate for the HTTPS status page")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=edge-box", "-keyout", str(tmp_path / "web.key"),
+                        "-out", str(tmp_path / "web.crt")], check=True, capture_output=True)
+        text = config.read_text()
+        config.write_text(text.replace("[web]\n", f'[web]\ntls_cert = "{tmp_path}/web.crt"\n'
+                                       f'tls_key = "{tmp_path}/web.key"\n', 1))
+        assert "tls_cert" in config.read_text()
     log = tmp_path / "serve.log"
     with open(log, "w") as log_file:
         serve = subprocess.Popen([edge, "serve", "--config", str(config)], stdout=log_file,
@@ -468,6 +814,7 @@ def test_healthcheck_against_edge_serve(tmp_path):
         while (proc := healthcheck("--config", config)).returncode != 0 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert proc.returncode == 0, proc.stdout + log.read_text()
+        assert ("https://" if web_tls else "http://") in proc.stdout
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGTERM)
