@@ -83,8 +83,7 @@ class Analyzer:
             setattr(self, slot, model)
         self.tb_threshold = None if tb_threshold is None else float(tb_threshold)
         self.triage_rules = triage_rules
-        sides = [max(m.manifest.input.height, m.manifest.input.width) for m in self.models.values()]
-        self.decode_min_side = int(decode_min_side) if decode_min_side else max(sides)
+        self.decode_min_side = int(decode_min_side) if decode_min_side else model_input_side(self.models)
         self._locks = {name: threading.Lock() for name in self.models}
         self.decoder = decoder
 
@@ -194,6 +193,11 @@ class Analyzer:
             nodules.append(Nodule(box=[round(v, 2) for v in box], score=score, diameter_mm=diameter_mm,
                                   diameter_px=round((width + height) / 2.0, 2)))
         return nodules
+
+
+def model_input_side(models: Mapping[str, LoadedModel]) -> int:
+    """The largest input side of the models: images are decoded at least that far."""
+    return max(max(m.manifest.input.height, m.manifest.input.width) for m in models.values())
 
 
 def hot_region(heatmap: np.ndarray, full_rows: int, full_cols: int,

@@ -188,13 +188,15 @@ def _decode_near(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
         if (height, width) != (int(ds.Rows), int(ds.Columns)):
             raise ImagingError(f"image data does not match its header: the JPEG 2000 stream is "
                                f"{width} x {height}, Rows/Columns say {ds.Columns} x {ds.Rows}")
-        levels = reduction_levels(frame, min_side)
-        if levels > 0:
+        # Fewer levels are tried when a reduction fails: a tile may have fewer levels than the
+        # main header says, and Pillow (13.0) rejects some reductions of odd-sized images
+        # ("broken data stream" at reduce=2 for 2048 x 1873) that one level less decodes.
+        # A full decode costs 3-4x the one-level decode, so it comes last.
+        for levels in range(reduction_levels(frame, min_side), 0, -1):
             try:
                 return align_reduced(decode_j2k_reduced(frame, levels), levels), levels
             except ImagingError as exc:
-                # a tile may have fewer levels than the main header says: decode fully below
-                logger.info("reduced JPEG 2000 decode failed (%s); decoding at full resolution", exc)
+                logger.info("JPEG 2000 decode discarding %d level(s) failed (%s)", levels, exc)
     name = syntax.name if syntax.is_transfer_syntax else str(syntax)
     if syntax.is_compressed:
         try:

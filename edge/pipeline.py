@@ -69,8 +69,7 @@ class Pipeline:
         self.results_write_error: tuple[float, str] | None = None
         #: when an image last reached a final state (or the pipeline started): stall checks
         self.last_progress = time.time()
-        dests = config.destinations
-        self.outputs = tuple(o for o in OUTPUT_TYPES if not dests or any(o in d.outputs for d in dests))
+        self.outputs = result_outputs(config)
 
     def start(self) -> "Pipeline":
         for name, target in (("prepare", self._prepare_loop), ("infer", self._infer_loop)):
@@ -269,6 +268,23 @@ class Pipeline:
                                      timings_ms=findings.timings_ms if findings else None)
         if self.metrics is not None:
             self.metrics.instance_finished(state, reason)
+
+
+#: The secondary capture is drawn from the decoded image at this size at least (its shorter
+#: side, when the source is that large): readable on a workstation, boxes of small nodules
+#: visible. The models' input is taken from the same decode.
+SC_MIN_SIDE = 1024
+
+
+def result_outputs(config: Config) -> tuple[str, ...]:
+    """The result object types some destination takes (all of them with no destination)."""
+    dests = config.destinations
+    return tuple(o for o in OUTPUT_TYPES if not dests or any(o in d.outputs for d in dests))
+
+
+def decode_side(config: Config, model_side: int) -> int:
+    """How far images are decoded: the models' input side, or the SC's when one is made."""
+    return max(model_side, SC_MIN_SIDE) if "sc" in result_outputs(config) else model_side
 
 
 def encode_results(source, findings: Findings, unit_image, outputs, *, received_at: float,

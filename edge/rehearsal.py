@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from engines.store import load_models
 
-    from .analysis import Analyzer
+    from .analysis import Analyzer, model_input_side
     from .config import OUTPUT_TYPES, load_config
-    from .pipeline import encode_results
+    from .pipeline import decode_side, encode_results
     from .reporting import equipment_from_identity
     from .storage import Spool
 
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(ns.file)
     try:
         models = load_models(config.models_dir, "onnxruntime")
-        analyzer = Analyzer(models, tb_threshold=config.models.tb_threshold, triage_rules=config.triage)
+        analyzer = Analyzer(models, tb_threshold=config.models.tb_threshold, triage_rules=config.triage,
+                            decode_min_side=decode_side(config, model_input_side(models)))
         prepared = analyzer.prepare(path)
         if prepared.findings_if_skipped is None:
             findings = analyzer.infer(prepared)

@@ -150,8 +150,8 @@ class Appliance:
         from engines.manifest import ManifestError
         from engines.store import ModelIntegrityError, load_models
 
-        from .analysis import Analyzer
-        from .pipeline import Pipeline
+        from .analysis import Analyzer, model_input_side
+        from .pipeline import Pipeline, decode_side
 
         cfg = self.config
         try:
@@ -163,7 +163,7 @@ class Appliance:
             raise ConfigError(f"models could not be loaded from {cfg.models_dir}: {exc}") from exc
         decoder = self._decoder("analysis").start()
         analyzer = Analyzer(self.models, tb_threshold=cfg.models.tb_threshold, triage_rules=cfg.triage,
-                            decoder=decoder)
+                            decoder=decoder, decode_min_side=decode_side(cfg, model_input_side(self.models)))
         self.pipeline = Pipeline(cfg, self.journal, analyzer, work_available=self.work_available,
                                  metrics=self.metrics, on_results=lambda: self.outbox and self.outbox.wake())
         self.metrics.set_model_info(self.model_info())
