@@ -74,6 +74,12 @@ class TensorRTRunner(Runner):
         self._lock = threading.Lock()
         try:
             self._load(trt, data)
+        except (TypeError, ValueError, AttributeError) as exc:
+            # TensorRT's bindings raise these for ordinary failures, e.g. TypeError "factory
+            # function returned nullptr" when the runtime cannot be created (CUDA start-up)
+            self.close()
+            raise RunnerError(f"tensorrt: {self.label} could not be loaded: "
+                              f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             self.close()   # whatever was created is released, in order
             raise

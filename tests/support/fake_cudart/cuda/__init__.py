@@ -1,0 +1,1 @@
+"""Fake ``cuda`` package (tests/support/fake_cudart): shadows cuda-python while a test runs."""
