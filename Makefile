@@ -3,15 +3,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-APT_PACKAGES = dcmtk dicom3tools orthanc chromium prometheus shellcheck systemd sqlite3 curl logrotate
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-webviewer chromium prometheus shellcheck systemd sqlite3 curl logrotate npm
 # command each package provides, to skip apt when everything is present
-APT_COMMANDS = storescu dciodvfy Orthanc chromium prometheus shellcheck systemd-analyze sqlite3 curl logrotate
+APT_COMMANDS = storescu dciodvfy Orthanc chromium prometheus shellcheck systemd-analyze sqlite3 curl logrotate npm
+# files of the packages that provide no command (Orthanc's DICOMweb and web viewer plugins)
+APT_FILES = /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so
+# the prebuilt OHIF viewer the viewer tests serve (npm package @ohif/app), unpacked once
+OHIF_VERSION = 3.13.2
+OHIF_DIR     = .cache/ohif-$(OHIF_VERSION)
 
-.PHONY: help venv install install-test system-packages demo serve test test-fast bench models clean
+.PHONY: help venv install install-test system-packages ohif-dist demo serve test test-fast bench models clean
 
 help:
 	@echo "make demo   - set up, start the appliance and send it sample chest X-rays (Ctrl-C stops)"
-	@echo "make test   - install test dependencies (Python extras, DCMTK, dicom3tools, Orthanc, Chromium, Prometheus) and run the suite"
+	@echo "make test   - install test dependencies (Python extras, DCMTK, dicom3tools, Orthanc and its DICOMweb/web viewer plugins, Chromium, Prometheus, the OHIF viewer) and run the suite"
 	@echo "make bench  - end-to-end benchmark against real DICOM peers"
 	@echo "make models - retrain the demonstration models (needs the 'train' extra, ~30 min on 2 cores)"
 
@@ -30,6 +35,7 @@ install-test: venv
 # Debian packages the tests use as real peers; installed only when missing and apt is available.
 system-packages:
 	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	for f in $(APT_FILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -z "$$missing" ]; then echo "system packages: all present"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  echo "system packages: installing (missing:$$missing)"; \
@@ -37,13 +43,28 @@ system-packages:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	else echo "system packages: apt-get not available; tests needing$$missing will skip"; fi
 
+# The OHIF viewer for tests/test_viewers.py: `npm pack @ohif/app` (its prebuilt dist/), once,
+# into .cache/ (gitignored); the tests never download. Without npm the viewer tests skip.
+ohif-dist: $(OHIF_DIR)/dist/index.html
+
+$(OHIF_DIR)/dist/index.html:
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "OHIF viewer: npm not available; the OHIF viewer tests will skip"; exit 0; fi; \
+	rm -rf $(OHIF_DIR).part && mkdir -p $(OHIF_DIR).part && \
+	if (cd $(OHIF_DIR).part && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && \
+	    tar -xzf ohif-app-$(OHIF_VERSION).tgz package/dist); then \
+	  rm -rf $(OHIF_DIR)/dist && mkdir -p $(OHIF_DIR) && mv $(OHIF_DIR).part/package/dist $(OHIF_DIR)/dist && \
+	  rm -rf $(OHIF_DIR).part && echo "OHIF viewer: $(OHIF_VERSION) unpacked into $(OHIF_DIR)/dist"; \
+	else rm -rf $(OHIF_DIR).part; \
+	  echo "OHIF viewer: npm pack @ohif/app@$(OHIF_VERSION) failed; the OHIF viewer tests will skip"; fi
+
 demo: install
 	$(VENV)/bin/edge demo
 
 serve: install
 	$(VENV)/bin/edge serve
 
-test: system-packages install-test
+test: system-packages install-test ohif-dist
 	$(PY) -m pytest -q
 
 test-fast: install-test

@@ -199,10 +199,26 @@ def edge_server(tmp_path):
         srv.stop()
 
 
+# Orthanc plugins the tests can load: name -> (library, Debian package).
+ORTHANC_PLUGIN_DIR = Path(os.environ.get("EDGE_TEST_ORTHANC_PLUGINS", "/usr/share/orthanc/plugins"))
+ORTHANC_PLUGINS = {
+    "dicomweb": ("libOrthancDicomWeb.so", "orthanc-dicomweb"),
+    "webviewer": ("libOrthancWebViewer.so", "orthanc-webviewer"),
+}
+
+
 class OrthancPACS:
     """A real Orthanc (Debian package) on loopback with its own temp storage."""
 
-    def __init__(self, tmp: Path, *, aet: str = "PACS", count_stores: bool = False):
+    def __init__(self, tmp: Path, *, aet: str = "PACS", count_stores: bool = False,
+                 plugins: tuple[str, ...] = ()):
+        """``plugins``: Orthanc plugins to load, by name: ``"dicomweb"`` (DICOMweb under
+        ``/dicom-web/`` and WADO-URI under ``/wado``), ``"webviewer"`` (Orthanc's web viewer
+        under ``/web-viewer/``). ``start()`` skips the test when one is not installed."""
+        unknown = [p for p in plugins if p not in ORTHANC_PLUGINS]
+        if unknown:
+            raise ValueError(f"plugins has unknown names {unknown}; known: {list(ORTHANC_PLUGINS)}")
+        self.plugins = tuple(plugins)
         self.tmp = Path(tmp) / "orthanc"
         self.tmp.mkdir(parents=True, exist_ok=True)
         # Every C-STORE Orthanc receives, duplicates included (Orthanc keeps one copy of an
@@ -219,7 +235,7 @@ class OrthancPACS:
             "HttpPort": self.http_port, "HttpServerEnabled": True, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomAet": aet, "DicomPort": self.dicom_port,
             "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-            "Plugins": [],
+            "Plugins": [str(ORTHANC_PLUGIN_DIR / ORTHANC_PLUGINS[p][0]) for p in self.plugins],
             "DicomServerEnabled": True, "HttpDescribeErrors": True, "StableAge": 1,
         }
         if count_stores:
@@ -231,6 +247,12 @@ class OrthancPACS:
                            '  return true\n'
                            'end\n')
             config["LuaScripts"] = [str(lua)]
+        if "dicomweb" in self.plugins:
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                  "WadoRoot": "/wado", "Ssl": False}
+        if "webviewer" in self.plugins:
+            config["WebViewer"] = {"CachePath": str(self.tmp / "webviewer-cache"),
+                                   "Threads": 2}
         self.config = self.tmp / "orthanc.json"
         self.config.write_text(json.dumps(config))
 
@@ -238,6 +260,11 @@ class OrthancPACS:
         orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(orthanc).exists():
             pytest.skip("Orthanc is not installed (run `make test`, which installs it)")
+        for name in self.plugins:
+            library, package = ORTHANC_PLUGINS[name]
+            if not (ORTHANC_PLUGIN_DIR / library).exists():
+                pytest.skip(f"the Orthanc {name} plugin is not installed (Debian package "
+                            f"{package}; run `make test`, which installs it)")
         self._log = open(self.tmp / "orthanc.log", "ab")
         self.proc = subprocess.Popen([orthanc, str(self.config)], stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=self.tmp)

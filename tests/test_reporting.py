@@ -2,7 +2,8 @@
 
 Each object is written to bytes and read back; the real dicom3tools ``dciodvfy`` checks
 the IOD, DCMTK's ``dsrdump`` reads the SR and ``dcmp2pgm`` renders the presentation state
-over the source image.
+over the source image. How real viewers (OHIF, Orthanc's web viewer) show them is in
+``test_viewers.py``.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from conftest import require_tool
 from edge.findings import Findings, ModelInfo, Nodule, TBResult
 from edge.reporting import (OUTPUT_TYPES, Equipment, annotate_image, build_gsps,
                             build_results, build_sc, build_sr, result_series_uid, result_uid)
+from edge.reporting.sc import sc_image_size
 from engines.preprocess import resize_area, window_to_unit
+from support.viewers import ohif_labels
 
 
 SIZE = 1024
@@ -175,14 +178,25 @@ def test_sr_positive_as_dsrdump_reads_it(tmp_path):
     source = make_source(tmp_path)
     text = dsrdump(write(build_sr(source, make_findings(source)), tmp_path / "sr.dcm"))
     assert '"Imaging Measurement Report"' in text
-    assert 'CODE:(,,"Tuberculosis")=(52101004,SCT,"Present")' in text
-    assert re.search(r'NUM:\(,,"Probability"\)="0\.83" \(\{probability\},UCUM', text)
-    assert 'NUM:(,,"Threshold Value")="0.5"' in text
+    assert 'IMAGE:(,,"Source")=(DX image,)' in text.split('"Image Library"')[1]
+    # the TB result: a report-level evaluation with the numbers it was inferred from
+    evaluations = text.split('CONTAINER:(,,"Qualitative Evaluations")')[1]
+    assert 'CODE:(,,"Tuberculosis")=(52101004,SCT,"Present")' in evaluations
+    assert 'inferred from NUM:(,,"Probability")="83.0" (%,UCUM,"Percent")' in evaluations
+    assert 'inferred from NUM:(,,"Threshold Value")="50.0" (%,UCUM,"Percent")' in evaluations
+    assert 'TEXT:(,,"Algorithm Name")="tb_classifier"' in evaluations
+    assert 'CODE:(,,"Nodule")=(52101004,SCT,"Present")' in evaluations
+    # the nodules: one planar ROI each, labels that read as written
     assert '"Tracking Identifier")="Nodule 1"' in text and '"Nodule 2"' in text
-    assert text.count('CODE:(,,"Finding")=(27925004,SCT,"Nodule")') == 3  # summary + 2
-    assert 'NUM:(,,"Long axis")="12.0" (mm,UCUM' in text
+    assert '"Tracking Identifier")="TB"' not in text
+    assert text.count('CODE:(,,"Finding")=(27925004,SCT,"Nodule")') == 2
+    assert 'NUM:(,,"Certainty of Finding")="91.0" (%,UCUM,"Percent")' in text
+    assert 'NUM:(,,"Long axis")="12.0" (mm,UCUM,"mm")' in text
+    assert "{probability}" not in text
     assert "SCOORD:(,,\"Image Region\")=(POLYLINE,200/300" in text
-    assert 'TEXT:(,,"Algorithm Name")="tb_classifier"' in text
+    # the finding site on the measurements, where OHIF does not print its code
+    assert re.search(r'NUM:\(,,"Long axis"\)[^\n]*\n\s*<has concept mod CODE:\(,,'
+                     r'"Finding Site"\)=\(39607008,SCT,"Lung"\)>', text)
     assert 'TEXT:(,,"Algorithm Name")="nodule_detector"' in text
     assert 'TEXT:(,,"Algorithm Version")="0.1.0"' in text
     assert "Content Date/Time   : 2024-05-01 10:16:00" in text
@@ -192,12 +206,44 @@ def test_sr_negative_and_without_spacing(tmp_path):
     source = make_source(tmp_path, spacing=False)
     negative = dsrdump(write(build_sr(source, make_findings(source, positive=False, nodules=0)),
                              tmp_path / "neg.dcm"))
-    assert 'CODE:(,,"Tuberculosis")=(272519000,SCT,"Absent")' in negative
-    assert 'CODE:(,,"Nodule")=(272519000,SCT,"Absent")' in negative
-    assert "SCOORD" not in negative and "Nodule 1" not in negative
+    evaluations = negative.split('CONTAINER:(,,"Qualitative Evaluations")')[1]
+    assert 'CODE:(,,"Tuberculosis")=(272519000,SCT,"Absent")' in evaluations
+    assert 'inferred from NUM:(,,"Probability")="12.0" (%,UCUM,"Percent")' in evaluations
+    assert 'CODE:(,,"Nodule")=(272519000,SCT,"Absent")' in evaluations
+    # one group, over the whole image: the region searched, no nodule in it
+    assert negative.count('"Measurement Group"') == 1
+    assert '"Tracking Identifier")="Nodules"' in negative and "Nodule 1" not in negative
+    assert "(POLYLINE,0/0,...)" in negative and "NUM:(,," not in negative.split(
+        '"Qualitative Evaluations"')[0].split('"Imaging Measurements"')[1]
     no_mm = dsrdump(write(build_sr(source, make_findings(source, spacing=False)),
                           tmp_path / "nomm.dcm"))
-    assert "Long axis" not in no_mm and "SCOORD" in no_mm
+    assert "Long axis" not in no_mm and "(POLYLINE,200/300" in no_mm
+
+
+def test_sr_without_tb_or_nodule_model(tmp_path):
+    """Whatever is missing, the report keeps one group with a region (OHIF needs one)."""
+    source = make_source(tmp_path)
+    findings = make_findings(source, tb=False, nodules=0)
+    no_tb = dsrdump(write(build_sr(source, findings), tmp_path / "no_tb.dcm"))
+    assert '"Tracking Identifier")="Nodules"' in no_tb and "Tuberculosis" not in no_tb
+    tb_only = replace(make_findings(source, nodules=0), models=findings.models[:1])
+    text = dsrdump(write(build_sr(source, tb_only), tmp_path / "tb_only.dcm"))
+    assert '"Tracking Identifier")="TB"' in text and '"Nodule")' not in text
+    group = text.split('"Imaging Measurements"')[1].split('"Qualitative Evaluations"')[0]
+    assert 'CODE:(,,"Tuberculosis")=(52101004,SCT,"Present")' in group
+    assert "(POLYLINE,0/0,...)" in group and "NUM:(,," not in group
+    for name in ("no_tb", "tb_only"):
+        assert dciodvfy_errors(tmp_path / f"{name}.dcm") == [], name
+
+
+def report_evaluations(sr: Dataset) -> dict[str, Dataset]:
+    """The report-level qualitative evaluations (TID 1500 row 13), by concept name."""
+    root = sr.ContentSequence
+    container = [item for item in root
+                 if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert len(container) == 1
+    return {item.ConceptNameCodeSequence[0].CodeMeaning: item
+            for item in container[0].ContentSequence}
 
 
 def test_sr_content_read_back_with_highdicom(tmp_path):
@@ -206,10 +252,11 @@ def test_sr_content_read_back_with_highdicom(tmp_path):
     sr = hd.sr.srread(io.BytesIO(to_bytes(build_sr(source, findings))))
     report = sr.content
     rois = report.get_planar_roi_measurement_groups()
-    assert len(rois) == 2
+    assert len(rois) == 2 and not report.get_image_measurement_groups()
     for group, nodule, index in zip(rois, findings.nodules, (1, 2)):
         assert group.tracking_identifier == f"Nodule {index}"
         assert UID(group.tracking_uid).is_valid
+        assert group.finding_type == hd.sr.CodedConcept("27925004", "SCT", "Nodule")
         region = group.roi
         assert region.value_type == hd.sr.ValueTypeValues.SCOORD
         points = region.value
@@ -220,16 +267,26 @@ def test_sr_content_read_back_with_highdicom(tmp_path):
         ref = region.ReferencedSOPSequence[0] if "ReferencedSOPSequence" in region else \
             region.ContentSequence[0].ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        long_axis = [m for m in group.get_measurements() if m.name.meaning == "Long axis"]
-        assert float(long_axis[0].value) == nodule.diameter_mm
+        by_name = {m.name.meaning: m for m in group.get_measurements()}
+        assert float(by_name["Long axis"].value) == nodule.diameter_mm
+        certainty = by_name["Certainty of Finding"]
+        assert float(certainty.value) == pytest.approx(nodule.score * 100)
+        assert certainty.unit.value == "%"
     gsps = build_gsps(source, findings)   # the same finding carries the same tracking UID
     boxes = gsps.GraphicAnnotationSequence[0].GraphicObjectSequence
     assert [b.TrackingUID for b in boxes] == [str(g.tracking_uid) for g in rois]
-    image_groups = report.get_image_measurement_groups()
-    tb_group = [g for g in image_groups if g.tracking_identifier == "TB"][0]
-    probability = [m for m in tb_group.get_measurements() if m.name.meaning == "Probability"][0]
-    assert float(probability.value) == pytest.approx(findings.tb.score)
-    assert probability.unit.value == "{probability}"
+    evaluations = report_evaluations(sr)
+    tb = evaluations["Tuberculosis"]
+    assert tb.ConceptCodeSequence[0].CodeMeaning == "Present"
+    numbers = {item.ConceptNameCodeSequence[0].CodeMeaning: item
+               for item in tb.ContentSequence if item.ValueType == "NUM"}
+    assert {item.RelationshipType for item in numbers.values()} == {"INFERRED FROM"}
+    probability = numbers["Probability"].MeasuredValueSequence[0]
+    assert float(probability.NumericValue) == pytest.approx(findings.tb.score * 100)
+    assert probability.MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    threshold = numbers["Threshold Value"].MeasuredValueSequence[0]
+    assert float(threshold.NumericValue) == pytest.approx(findings.tb.threshold * 100)
+    assert evaluations["Nodule"].ConceptCodeSequence[0].CodeMeaning == "Present"
     assert sr.ContentQualification == "RESEARCH"
     assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == \
         source.StudyInstanceUID
@@ -241,50 +298,53 @@ def test_sr_content_read_back_with_highdicom(tmp_path):
     assert air[0].SoftwareVersions == Equipment().software_version
 
 
-def render(gsps_path: Path, source_path: Path, workdir: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """dcmp2pgm's rendering of the image under the state, its AI overlay, and its dump."""
+def test_sr_labels_read_as_written_in_ohif(tmp_path):
+    source = make_source(tmp_path)
+    """OHIF's label rule (support.viewers.ohif_labels; test_viewers.py runs the viewer)."""
+    positive = pydicom.dcmread(io.BytesIO(to_bytes(build_sr(source, make_findings(source)))))
+    labels = {name: lines for name, (_, lines) in ohif_labels(positive).items()}
+    assert labels == {
+        "Nodule 1": ["Certainty of Finding: 91.00 %", "Long axis: 12.00 mm"],
+        "Nodule 2": ["Certainty of Finding: 77.00 %", "Long axis: 20.00 mm"],
+    }
+    negative = pydicom.dcmread(io.BytesIO(to_bytes(build_sr(
+        source, make_findings(source, positive=False, nodules=0)))))
+    assert {name: lines for name, (_, lines) in ohif_labels(negative).items()} == \
+        {"Nodules": []}
+
+
+def render(gsps_path: Path, source_path: Path, workdir: Path) -> tuple[np.ndarray, str]:
+    """dcmp2pgm's rendering of the image under the state, and its dump of the state."""
     out = workdir / "out.pgm"
     require_tool("dcmp2pgm")
     run = subprocess.run(["dcmp2pgm", "-v", "-p", str(gsps_path), str(source_path), str(out)],
                          capture_output=True, text=True, timeout=60, cwd=workdir)
     assert run.returncode == 0, run.stderr
-    dump = run.stdout + run.stderr
-    image = np.asarray(Image.open(out)).astype(int)
-    placed = re.search(r"columns=(\d+) rows=(\d+) left=(\d+) top=(\d+)", dump)
-    if placed is None or not (workdir / "ovl_0101.pgm").exists():
-        return image, None, dump
-    columns, rows, left, top = (int(v) for v in placed.groups())
-    overlay = np.zeros_like(image)
-    overlay[top:top + rows, left:left + columns] = np.asarray(Image.open(workdir / "ovl_0101.pgm"))
-    return image, overlay, dump
+    return np.asarray(Image.open(out)).astype(int), run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("monochrome1", [False, True])
 def test_gsps_rendered_by_dcmp2pgm(tmp_path, monochrome1):
+    """What DCMTK shows of the state, and only that (docs/CONFORMANCE.md says the same)."""
     source = make_source(tmp_path, monochrome1=monochrome1, name=VIETNAMESE)
     findings = make_findings(source)
     source_path = write(source, tmp_path / "source.dcm")
     gsps_path = write(build_gsps(source, findings), tmp_path / "gsps.dcm")
-    image, overlay, dump = render(gsps_path, source_path, tmp_path)
+    image, dump = render(gsps_path, source_path, tmp_path)
     assert image.shape == (SIZE, SIZE)
-    # Displayed like the source: its window, and MONOCHROME1 not turned into a negative.
+    # Rendered like the source: its window, and MONOCHROME1 not turned into a negative.
     expected = unit_image(source)
     expected_full = np.kron(expected, np.ones((2, 2)))
     assert np.abs(image - expected_full * 255).mean() < 4.0
     assert image[SIZE // 2, SIZE // 2] > image[10, 10] + 100
-    # What DCMTK reads from the state: the boxes, the labels, the TB line.
+    # It reads the layer, the boxes and the labels ...
     assert "Graphic Layer #1 [AI]" in dump
     assert "type=polyline filled=no units=pixel" in dump
     assert "200\\300, 260\\300, 260\\360, 200\\360, 200\\300" in dump
     assert '"Nodule 0.91, 12 mm"' in dump and '"TB score 0.83 - refer"' in dump
-    # The box is visible once the activated overlay is drawn over the rendering.
-    assert overlay is not None and overlay.shape == image.shape
-    composed = np.maximum(image, overlay)
-    edge_row, inside_row = 300, 330
-    assert (composed[edge_row, 205:255] == 255).all()
-    assert (image[edge_row, 205:255] < 250).all()
-    assert (overlay[inside_row, 210:250] == 0).all()
-    assert (composed[500, 605:695] == 255).all() and (overlay[100, :] == 0).all()
+    # ... but draws none of them into its output, and the state has no overlay.
+    assert "Number of activated overlays: 0" in dump
+    assert np.abs(image[300, 200:261] - expected_full[300, 200:261] * 255).max() < 12
 
 
 def test_gsps_references_and_lut(tmp_path):
@@ -312,7 +372,7 @@ def test_sc_pixels_show_banner_and_boxes(tmp_path):
                                                        max_side=400))))
     assert sc.PhotometricInterpretation == "MONOCHROME2" and sc.BitsAllocated == 8
     assert sc.BurnedInAnnotation == "YES"
-    assert max(sc.Rows, sc.Columns) <= 400
+    assert sc.Columns == 400 and sc.Rows > 400            # the image, and the banner above
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     pixels = sc.pixel_array
     banner = sc.Rows - sc.Columns          # square source: the banner is the extra rows
@@ -325,6 +385,50 @@ def test_sc_pixels_show_banner_and_boxes(tmp_path):
         assert pixels[banner + round(y1), middle] == 255, box       # the white edge
         inside = pixels[banner + round((y1 + y2) / 2), middle]
         assert 0 < inside < 255                                     # tissue shows through
+
+
+def text_rows(band: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) row of each run of rows holding white text in ``band``."""
+    rows = np.flatnonzero((band > 200).sum(axis=1) > 0)
+    runs, start = [], None
+    for a, b in zip(rows, list(rows[1:]) + [None]):
+        start = a if start is None else start
+        if b is None or b != a + 1:
+            runs.append((int(start), int(a)))
+            start = None
+    return runs
+
+
+def test_sc_size_window_and_legible_text(tmp_path):
+    """Readable at a workstation: >= 1024 px long side when the source is that large (up
+    to the source's size), the full 8-bit window, text about 2 % of the width high."""
+    source = make_source(tmp_path)          # 1024 x 1024
+    findings = make_findings(source)
+    handed = unit_image(source)             # 512 x 512: enlarged to the 1024 minimum
+    sc = pydicom.dcmread(write(build_sc(source, findings, handed), tmp_path / "sc.dcm"))
+    assert sc.Columns == 1024 and sc.Rows > 1024
+    banner = sc.Rows - 1024
+    assert (float(sc.WindowCenter), float(sc.WindowWidth)) == (128.0, 256.0)
+    assert "1024x1024" in sc.DerivationDescription
+    assert dciodvfy_errors(tmp_path / "sc.dcm") == []
+    pixels = sc.pixel_array
+    lines = text_rows(pixels[:banner])
+    assert len(lines) == 3                                   # banner: three lines
+    assert all(last - first + 1 >= 18 for first, last in lines), lines   # cap height px
+    label_box = BOXES[0]                                     # its label sits above it
+    label = pixels[banner + round(label_box[1]) - 40:banner + round(label_box[1]) - 2,
+                   round(label_box[0]):round(label_box[0]) + 200]
+    assert max(last - first + 1 for first, last in text_rows(label)) >= 14
+    # The lungs keep the contrast the source's window gave them (no re-windowing).
+    image = pixels[banner:].astype(float) / 255
+    expected = np.kron(handed, np.ones((2, 2)))
+    assert np.abs(image - expected)[600:, :].mean() < 0.02
+
+    # From a larger source the handed image's size is kept, up to the source's size.
+    assert sc_image_size((1250, 1024), (2500, 2048)) == (1250, 1024)
+    assert sc_image_size((600, 500), (2500, 2048)) == (1024, 839)
+    assert sc_image_size((600, 500), (900, 700)) == (900, 700)      # never above the source
+    assert sc_image_size((3000, 2400), (3000, 2400)) == (2048, 1638)  # capped by max_side
 
 
 def test_annotate_color_thumbnail(tmp_path):

@@ -1,7 +1,7 @@
 """Drawing the findings onto the image: the secondary capture and the web thumbnails.
 
-The image is the display-polarity ``unit_image`` (0..1, usually reduced resolution);
-full-resolution boxes map to it by the ratio of the two sizes. A banner is added above
+The image is the display-polarity ``unit_image`` (0..1, windowed like the source, usually
+reduced resolution); full-resolution boxes map to it by the ratio of the two sizes. A banner is added above
 the image (not over it: TB often shows at the lung apices) with the not-for-diagnosis
 note and the TB decision, so the result cannot be mistaken for the original image.
 """
@@ -44,12 +44,17 @@ def banner_lines(findings: Findings) -> list[str]:
 
 
 def annotate_image(unit_image: np.ndarray, findings: Findings, *, max_side: int = 1024,
-                   color: bool = False, full_size: Sequence[int] | None = None) -> Image.Image:
-    """The image with boxes, labels and the banner, at most ``max_side`` px each way.
+                   color: bool = False, full_size: Sequence[int] | None = None,
+                   image_size: Sequence[int] | None = None) -> Image.Image:
+    """The image with boxes, labels and the banner above it.
 
-    ``full_size`` is the (rows, columns) the boxes refer to; by default the findings'
-    rows/columns, or the image's own size when those are unknown (0). Returns an 8-bit
-    ``"L"`` image, or ``"RGB"`` with ``color=True`` (amber boxes, for the web page).
+    By default the whole picture (banner included) fits in ``max_side`` px each way and
+    the image is never enlarged (thumbnails). ``image_size`` (rows, columns) instead sets
+    the size of the image part exactly (enlarged or reduced; the banner is added above
+    it), as the secondary capture does. Text sizes follow the image width. ``full_size``
+    is the (rows, columns) the boxes refer to; by default the findings' rows/columns, or
+    the image's own size when those are unknown (0). Returns an 8-bit ``"L"`` image, or
+    ``"RGB"`` with ``color=True`` (amber boxes, for the web page).
     """
     image = _to_uint8(unit_image)
     if not isinstance(max_side, (int, np.integer)) or max_side < 64:
@@ -62,15 +67,23 @@ def annotate_image(unit_image: np.ndarray, findings: Findings, *, max_side: int 
     if full_rows <= 0 or full_cols <= 0:
         raise ValueError(f"full_size must be two positive integers, got {full_size!r}")
 
-    font_size = max(10, round(min(max_side, width) * 0.028))
+    if image_size is not None:
+        out_h, out_w = (int(v) for v in image_size)
+        if out_h < 16 or out_w < 16:
+            raise ValueError(f"image_size must be two integers >= 16, got {image_size!r}")
     lines = banner_lines(findings)
+    font_size = text_size(out_w if image_size is not None else min(max_side, width))
     line_height = round(font_size * 1.3)
     banner_height = line_height * len(lines) + font_size // 2
-    scale = min(max_side / width, (max_side - banner_height) / height, 1.0)
-    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if image_size is None:
+        scale = min(max_side / width, (max_side - banner_height) / height, 1.0)
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
     picture = Image.fromarray(image)   # uint8 2-D: mode "L"
     if (out_w, out_h) != (width, height):
-        picture = picture.resize((out_w, out_h), Image.Resampling.BOX)
+        # BOX averages when reducing; LANCZOS keeps edges sharp when enlarging.
+        enlarge = out_w > width or out_h > height
+        picture = picture.resize((out_w, out_h), Image.Resampling.LANCZOS if enlarge
+                                 else Image.Resampling.BOX)
 
     mode = "RGB" if color else "L"
     canvas = Image.new(mode, (out_w, out_h + banner_height), 0)
@@ -102,6 +115,13 @@ def annotate_image(unit_image: np.ndarray, findings: Findings, *, max_side: int 
         _draw_label(draw, common.nodule_label(nodule), box, banner_height, out_w, label_font,
                     (_BOX_COLOR_RGB if color else 255), (0, 0, 0) if color else 0)
     return canvas
+
+
+def text_size(image_width: int) -> int:
+    """Banner font size in px for an image ``image_width`` px wide (labels: 0.8 of it):
+    about 29 px at 1024 px, which stays legible when a viewer fits the image to a
+    screen."""
+    return max(10, round(image_width * 0.028))
 
 
 def _draw_label(draw: ImageDraw.ImageDraw, text: str, box: tuple[int, int, int, int],

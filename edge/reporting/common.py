@@ -27,7 +27,7 @@ from .metadata import PATIENT_STUDY_KEYWORDS, content_datetime, instance_number
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AIR_PROCESSING_ALGORITHM", "DEMO_NOTE", "PATIENT_STUDY_KEYWORDS", "PROBABILITY_UNIT",
+    "AIR_PROCESSING_ALGORITHM", "DEMO_NOTE", "PATIENT_STUDY_KEYWORDS",
     "SERIES_NUMBERS", "TUBERCULOSIS", "Equipment", "air_equipment", "box_polyline",
     "clip_box", "coding_schemes", "content_datetime", "copy_series_anatomy", "finish",
     "instance_number", "is_demonstration", "model_versions", "nodule_label", "nodule_model",
@@ -38,8 +38,6 @@ SERIES_NUMBERS: dict[str, int] = {"sr": 9001, "gsps": 9002, "sc": 9003}
 
 # SNOMED CT 56717001 |Tuberculosis (disorder)|; not in pydicom's code dictionary.
 TUBERCULOSIS = CodedConcept("56717001", "SCT", "Tuberculosis")
-# UCUM annotation for a dimensionless probability (value 0..1).
-PROBABILITY_UNIT = CodedConcept("{probability}", "UCUM", "probability")
 
 
 def coding_schemes() -> list[CodingSchemeIdentificationItem]:

@@ -4,6 +4,14 @@ A viewer that renders GSPS shows the original image, windowed like the source (t
 source's VOI is copied; MONOCHROME1 gets an INVERSE presentation LUT so it keeps its
 look), with a graphic layer "AI": a closed box and a label per nodule, and the TB line
 at the top left. Coordinates are the source's full-resolution pixel coordinates.
+
+What the viewers tested here show of it (docs/CONFORMANCE.md): OHIF 3.13 and Orthanc's
+web viewer do not render presentation states at all. DCMTK's dcmp2pgm applies the
+state's VOI, presentation LUT and displayed area to the image and lists the layer, the
+boxes and the labels (``-v``), but draws neither graphics nor text into its output.
+There is no overlay plane: DCMTK leaves an overlay activated on a graphic layer to the
+application as well (dcmp2pgm only writes it to a file of its own), so one added nothing
+that the graphic objects do not give.
 """
 from __future__ import annotations
 
@@ -14,7 +22,6 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import pack_bits
 from pydicom.valuerep import DA, TM
 
 from edge.findings import Findings
@@ -93,7 +100,6 @@ def _build(inputs: BuildInputs) -> hd.pr.GrayscaleSoftcopyPresentationState:
         series_time=when.time(),
         coding_schemes=common.coding_schemes(),
     )
-    _add_box_overlay(gsps, findings, rows, columns)
     common.copy_series_anatomy(gsps, checked)
     gsps.PresentationCreationDate = DA(when.date())
     gsps.PresentationCreationTime = TM(when.time())
@@ -155,43 +161,6 @@ def _voi_from_lut(checked: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] 
     if not luts:
         return None
     return [hd.pr.SoftcopyVOILUTTransformation(voi_luts=luts)]
-
-
-def _add_box_overlay(gsps: Dataset, findings: Findings, rows: int, columns: int) -> None:
-    """Also draw the boxes as an overlay plane activated on the "AI" layer.
-
-    Renderers that apply overlays but not graphic annotations (DCMTK's dcmp2pgm, some
-    older viewers) then still show where the nodules are; in viewers that render both,
-    the overlay coincides with the graphic boxes. The plane covers only the region
-    around the boxes, which keeps the object small (1 bit per pixel of that region).
-    """
-    if not findings.nodules:
-        return
-    boxes = []
-    for nodule in findings.nodules:
-        x1, y1, x2, y2 = common.clip_box(nodule.box, rows, columns)
-        c1, r1 = int(np.floor(x1)), int(np.floor(y1))
-        boxes.append((c1, r1, max(int(np.ceil(x2)), c1 + 1), max(int(np.ceil(y2)), r1 + 1)))
-    left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    right, bottom = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    bitmap = np.zeros((bottom - top, right - left), dtype=np.uint8)
-    thickness = max(2, round(min(rows, columns) / 400))
-    for c1, r1, c2, r2 in boxes:
-        c1, c2, r1, r2 = c1 - left, c2 - left, r1 - top, r2 - top
-        bitmap[r1:r2, c1:min(c1 + thickness, c2)] = 1
-        bitmap[r1:r2, max(c2 - thickness, c1):c2] = 1
-        bitmap[r1:min(r1 + thickness, r2), c1:c2] = 1
-        bitmap[max(r2 - thickness, r1):r2, c1:c2] = 1
-    gsps.add_new(0x60000010, "US", bitmap.shape[0])     # OverlayRows
-    gsps.add_new(0x60000011, "US", bitmap.shape[1])     # OverlayColumns
-    gsps.add_new(0x60000022, "LO", "AI nodule boxes")   # OverlayDescription
-    gsps.add_new(0x60000040, "CS", "G")                 # OverlayType: graphics
-    gsps.add_new(0x60000050, "SS", [top + 1, left + 1])  # OverlayOrigin: row, column (1-based)
-    gsps.add_new(0x60000100, "US", 1)                   # OverlayBitsAllocated
-    gsps.add_new(0x60000102, "US", 0)                   # OverlayBitPosition
-    gsps.add_new(0x60001001, "CS", LAYER_NAME)          # OverlayActivationLayer
-    gsps.add_new(0x60001500, "LO", "AI")                # OverlayLabel
-    gsps.add_new(0x60003000, "OW", pack_bits(bitmap.ravel()))  # OverlayData
 
 
 def _nodule_objects(inputs: BuildInputs, rows: int, columns: int,

@@ -1,14 +1,33 @@
 """The Comprehensive 3D SR (TID 1500 Measurement Report) with the AI findings.
 
-Content tree, all referencing the source image:
-- an image-level group "TB": the TB score (a probability), the threshold, and
-  "Tuberculosis" present/absent at that threshold;
-- an image-level group "Nodules": "Nodule" present/absent (so a negative study says so);
-- one planar ROI group per nodule: the box as a closed polyline in full-resolution pixel
-  coordinates, the score and, when pixel spacing is known, the long axis in mm.
-Each group has a tracking identifier and a deterministic tracking UID, and the TID 4019
-algorithm identification of the model that produced it. An SR that replaces earlier
-ones of the same image lists them in the Predecessor Documents Sequence.
+Content tree (``tid1500.MeasurementReport``), all referencing the source image:
+- Image Library: the source image;
+- Imaging Measurements: one planar ROI group (TID 1410) per nodule: the box as a closed
+  polyline in full-resolution pixel coordinates, finding "Nodule", the detector's
+  "Certainty of Finding" (percent) and, when pixel spacing is known, the long axis (mm);
+  on an image without nodules, one "Nodules" group over the whole image instead, with
+  "Nodule" absent (the region searched, nothing found; "TB" with its decision when no
+  nodule detector ran);
+- Qualitative Evaluations, about the whole image (TID 1500 rows 12-13):
+  "Tuberculosis" present/absent at the configured threshold (the refer decision),
+  inferred from the TB probability and the threshold (NUM, percent), and "Nodule"
+  present/absent.
+Every group and evaluation names the model behind it (TID 4019). Measurement groups have
+a tracking identifier and a deterministic tracking UID (a nodule's is shared with the
+GSPS), and the finding site (lung) on their measurements.
+
+Why this layout: OHIF 3.x turns every measurement group into an annotation and reads its
+first image coordinate; an image-level group (TID 1501) has none and crashes its SR
+viewport, and so does a report without any group (hence the whole-image "Nodules" group
+on a negative image; it has no numbers, so OHIF draws a frame without a label). A
+whole-image group for TB would be drawn as a frame with its label outside the image, so
+the TB result is a report-level evaluation, which OHIF does not read and TID 1500
+readers and dsrdump do. OHIF labels a box with the group's NUM items as
+``<concept name>: <value, 2 decimals> <unit code value>``, and a group-level finding site
+as ``363698007: <meaning>``: the units are UCUM codes that read as written ("%", "mm"),
+and the finding site sits on the measurements (TID 300), which OHIF does not print. An SR
+that replaces earlier ones of the same image lists them in the Predecessor Documents
+Sequence.
 """
 from __future__ import annotations
 
@@ -29,13 +48,21 @@ from . import common
 from .equipment import Equipment, device_observer
 from .inputs import BuildInputs, prepare, with_fallback
 from .metadata import SourceMetadata, instance_number
+from .tid1500 import Evaluation, Evidence, MeasurementReport
 from .uids import result_series_uid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROCEDURES_REPORTED", "PredecessorDocument", "build_sr"]
+__all__ = ["CERTAINTY_OF_FINDING", "PERCENT", "PROCEDURES_REPORTED", "PredecessorDocument",
+           "build_sr"]
 
 PROCEDURES_REPORTED = (codes.SCT.ChestImaging, codes.SCT.PlainRadiography)
+#: (111012, DCM, "Certainty of Finding"), in percent, as the CAD SR templates report a
+#: detected finding: the detector's confidence that the marked nodule is real (not a
+#: probability of disease, which "Probability" next to a box could be read as).
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
+#: (%, UCUM, "Percent"): viewers print the unit's code value, and "%" reads as written.
+PERCENT = codes.UCUM.Percent
 _UID = re.compile(r"(?=.{1,64}$)(0|[1-9]\d*)(\.(0|[1-9]\d*))*")
 
 
@@ -95,19 +122,24 @@ def _build(inputs: BuildInputs, predecessors: tuple[PredecessorDocument, ...],
            ) -> hd.sr.Comprehensive3DSR:
     findings, equipment, when = inputs.findings, inputs.equipment, inputs.when
     ref = common.stand_in(inputs)   # what highdicom reads; see common.stand_in
-    groups: list = []
-    if findings.tb is not None:
-        groups.append(_tb_group(inputs, ref))
     nodule_model = common.nodule_model(findings)
+    groups = [_nodule_group(inputs, ref, nodule, index, nodule_model)
+              for index, nodule in enumerate(findings.nodules, start=1)]
+    evaluations = []
+    if findings.tb is not None:
+        evaluations.append(_tb_evaluation(inputs))
     if findings.nodules or nodule_model is not None:
-        groups.append(_nodule_summary_group(inputs, ref, nodule_model))
-    for index, nodule in enumerate(findings.nodules, start=1):
-        groups.append(_nodule_group(inputs, ref, nodule, index, nodule_model))
-    report = hd.sr.MeasurementReport(
+        evaluations.append(Evaluation(codes.SCT.Nodule, _present(bool(findings.nodules)),
+                                      algorithm=_algorithm(nodule_model)))
+    if not groups:   # OHIF needs a group with a region to open the report
+        groups.append(_whole_image_group(inputs, ref, evaluations[-1]))
+    report = MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=device_observer(equipment)),
         procedure_reported=list(PROCEDURES_REPORTED),
+        images=[ref],
         imaging_measurements=groups,
+        qualitative_evaluations=evaluations,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[ref],
@@ -144,50 +176,49 @@ def _algorithm(model: ModelInfo | None) -> hd.sr.AlgorithmIdentification | None:
     return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
 
 
-def _probability(name: CodedConcept, value: float) -> hd.sr.Measurement:
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"a probability must lie in 0..1, got {value!r}")
-    return hd.sr.Measurement(name=name, value=round(float(value), 6),
-                             unit=common.PROBABILITY_UNIT)
+def _percent(probability: float) -> float:
+    """A probability (0..1) in percent."""
+    if not 0.0 <= float(probability) <= 1.0:
+        raise ValueError(f"a probability must lie in 0..1, got {probability!r}")
+    return round(float(probability) * 100.0, 4)
 
 
 def _present(flag: bool) -> CodedConcept:
     return codes.SCT.Present if flag else codes.SCT.Absent
 
 
-def _tb_group(inputs: BuildInputs, ref: Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _lung() -> list[hd.sr.FindingSite]:
+    return [hd.sr.FindingSite(codes.SCT.Lung)]
+
+
+def _tb_evaluation(inputs: BuildInputs) -> Evaluation:
+    """"Tuberculosis" present/absent: the refer decision at the configured threshold."""
     tb = inputs.findings.tb
     assert tb is not None
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=inputs.tracking_uid("tb"), identifier="TB"),
-        finding_type=common.TUBERCULOSIS,
-        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
-        algorithm_id=_algorithm(common.tb_model(inputs.findings)),
-        measurements=[
-            _probability(codes.DCM.Probability, tb.score),
-            _probability(codes.DCM.ThresholdValue, tb.threshold),
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(common.TUBERCULOSIS, _present(tb.positive)),
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)],
-    )
+    return Evaluation(
+        common.TUBERCULOSIS, _present(tb.positive),
+        algorithm=_algorithm(common.tb_model(inputs.findings)),
+        inferred_from=(Evidence(codes.DCM.Probability, _percent(tb.score), PERCENT),
+                       Evidence(codes.DCM.ThresholdValue, _percent(tb.threshold), PERCENT)))
 
 
-def _nodule_summary_group(inputs: BuildInputs, ref: Dataset, model: ModelInfo | None,
-                          ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+def _whole_image_group(inputs: BuildInputs, ref: Dataset, evaluation: Evaluation,
+                       ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """An image-level conclusion over the region it was drawn from, the whole image:
+    "Nodule" absent (the region searched), or "Tuberculosis" when no nodule detector ran.
+    Numbers stay with the report-level evaluation, so OHIF draws no label outside the
+    image."""
+    nodule = evaluation.name == codes.SCT.Nodule
+    whole_image = (0.0, 0.0, float(inputs.meta.columns), float(inputs.meta.rows))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=inputs.tracking_uid("nodules"), identifier="Nodules"),
-        finding_type=codes.SCT.Nodule,
-        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
-        algorithm_id=_algorithm(model),
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(codes.SCT.Nodule,
-                                        _present(bool(inputs.findings.nodules))),
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)],
+            uid=inputs.tracking_uid("nodules" if nodule else "tb"),
+            identifier="Nodules" if nodule else "TB"),
+        referenced_region=_region(whole_image, ref),
+        finding_type=evaluation.name,
+        algorithm_id=evaluation.algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(evaluation.name,
+                                                             evaluation.value)],
     )
 
 
@@ -195,22 +226,25 @@ def _nodule_group(inputs: BuildInputs, ref: Dataset, nodule: Nodule, index: int,
                   model: ModelInfo | None,
                   ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     box = common.clip_box(nodule.box, inputs.meta.rows, inputs.meta.columns)
-    measurements = [_probability(codes.DCM.Probability, nodule.score)]
+    measurements = [hd.sr.Measurement(name=CERTAINTY_OF_FINDING,
+                                      value=_percent(nodule.score), unit=PERCENT,
+                                      finding_sites=_lung())]
     if nodule.diameter_mm is not None:
         measurements.append(hd.sr.Measurement(
             name=codes.SCT.LongAxis, value=round(float(nodule.diameter_mm), 2),
-            unit=codes.UCUM.Millimeter))
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=common.box_polyline(box),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(ref),
-    )
+            unit=codes.UCUM.Millimeter, finding_sites=_lung()))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=inputs.tracking_uid(f"nodule-{index}"), identifier=f"Nodule {index}"),
-        referenced_region=region,
+        referenced_region=_region(box, ref),
         finding_type=codes.SCT.Nodule,
-        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
         algorithm_id=_algorithm(model),
         measurements=measurements,
     )
+
+
+def _region(box: tuple[float, float, float, float], ref: Dataset) -> hd.sr.ImageRegion:
+    """A box of the source image as a closed polyline (full-resolution pixels)."""
+    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                             graphic_data=common.box_polyline(box),
+                             source_image=hd.sr.SourceImageForRegion.from_source_image(ref))

@@ -25,7 +25,7 @@ OUTPUT_TYPES: tuple[str, ...] = ("sr", "gsps", "sc")
 
 # Bump whenever the layout of any result object changes (elements added, moved or
 # encoded differently), so that objects of the new layout never reuse an old UID.
-REPORT_FORMAT_VERSION = 2
+REPORT_FORMAT_VERSION = 3
 
 _UID_MAX_LENGTH = 64
 _SEPARATOR = "\x1f"   # ASCII unit separator: cannot occur in a UID or a model name
