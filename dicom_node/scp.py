@@ -1,8 +1,10 @@
-"""C-ECHO and C-STORE SCP: the appliance's front door.
+"""C-ECHO and C-STORE SCP, and Storage Commitment Push Model SCP: the appliance's front door.
 
 The node checks what is DICOM-level (association policy, that the dataset parses, that its
 UIDs match the request, that the pixel data is complete) and hands every good instance to a
 callback, which must persist it durably before returning a status. No AI work happens here.
+Storage commitment requests are checked the same way and handed to a second callback,
+which journals them; the result follows later (``dicom_node.commitment``).
 """
 from __future__ import annotations
 
@@ -23,8 +25,27 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from .commitment import (
+    ACTION_INVALID_OBJECT_INSTANCE,
+    ACTION_NO_SUCH_ACTION,
+    ACTION_NO_SUCH_SOP_CLASS,
+    ACTION_PROCESSING_FAILURE,
+    REQUEST_STORAGE_COMMITMENT,
+    CommitmentRequest,
+    CommitmentRequestError,
+    ReportChannel,
+    parse_action_information,
+    uid_ok,
+)
 from .scu import set_nodelay
-from .sop import ACCEPTED_STORAGE, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
+from .sop import (
+    ACCEPTED_STORAGE,
+    ACCEPTED_TRANSFER_SYNTAXES,
+    NATIVE_TRANSFER_SYNTAXES,
+    STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    VERIFICATION,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +132,13 @@ def check_dataset(ds: Dataset, affected_sop_class: str, affected_sop_instance: s
         value = getattr(ds, keyword, None)
         if not value:
             return StoreResult(CANNOT_UNDERSTAND, f"Missing required attribute {keyword}")
-        if not _uid_ok(str(value)):
+        if not uid_ok(str(value)):
             return StoreResult(UID_INVALID, f"Invalid UID in {keyword}")
     if ds.SOPInstanceUID != affected_sop_instance:
         return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from request")
     if ds.SOPClassUID != affected_sop_class:
         return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
     return _check_pixel_data(ds)
-
-
-def _uid_ok(uid: str) -> bool:
-    if not 0 < len(uid) <= 64:
-        return False
-    parts = uid.split(".")
-    return all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts)
 
 
 def _check_pixel_data(ds: Dataset) -> StoreResult | None:
@@ -156,6 +170,8 @@ def _check_pixel_data(ds: Dataset) -> StoreResult | None:
 
 
 OnInstance = Callable[[ReceivedInstance], StoreResult]
+#: Takes on a storage commitment request (journals it) and returns the N-ACTION status.
+OnCommitment = Callable[[CommitmentRequest], int]
 
 
 # ------------------------------------------------------------------ connection limits
@@ -473,9 +489,13 @@ class StoreSCP:
     """A running C-ECHO/C-STORE SCP; stop it with ``shutdown()``."""
 
     def __init__(self, settings: SCPSettings, on_instance: OnInstance,
-                 on_event: Callable[[str, dict], None] | None = None):
+                 on_event: Callable[[str, dict], None] | None = None,
+                 on_commitment: OnCommitment | None = None):
+        """``on_commitment``: with it, the node is a Storage Commitment Push Model SCP and
+        hands every checked request to it (see ``dicom_node.commitment``)."""
         self.settings = settings
         self._on_instance = on_instance
+        self._on_commitment = on_commitment
         self._on_event = on_event or (lambda name, info: None)
         self._server: _GuardedServer | None = None
         self._thread: threading.Thread | None = None
@@ -497,6 +517,8 @@ class StoreSCP:
         ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         for sop_class in s.storage_sop_classes:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        if self._on_commitment is not None:
+            ae.add_supported_context(STORAGE_COMMITMENT, list(NATIVE_TRANSFER_SYNTAXES))
         return ae
 
     @property
@@ -526,6 +548,7 @@ class StoreSCP:
         handlers = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_N_ACTION, self._handle_n_action),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_ACCEPTED, self._handle_accepted),
             (evt.EVT_CONN_OPEN, self._handle_conn_open),
@@ -614,3 +637,36 @@ class StoreSCP:
         if result.status != SUCCESS:
             logger.warning("C-STORE answered 0x%04X: %s", result.status, result.comment)
         return _status(result.status, result.comment)
+
+    def _handle_n_action(self, event) -> tuple[Dataset | int, None]:
+        """Storage commitment request: checked, handed over (journaled), answered at once;
+        the result follows as an N-EVENT-REPORT (``dicom_node.commitment``)."""
+        request = event.request
+        if str(request.RequestedSOPClassUID) != STORAGE_COMMITMENT or self._on_commitment is None:
+            return _status(ACTION_NO_SUCH_SOP_CLASS, "Only Storage Commitment Push Model"), None
+        if str(request.RequestedSOPInstanceUID) != STORAGE_COMMITMENT_INSTANCE:
+            return _status(ACTION_INVALID_OBJECT_INSTANCE, "Use the well-known instance 1.2.840.10008.1.20.1.1"), None
+        if request.ActionTypeID != REQUEST_STORAGE_COMMITMENT:
+            return _status(ACTION_NO_SUCH_ACTION, "Only Request Storage Commitment (1)"), None
+        try:
+            info = event.action_information
+        except Exception:  # noqa: BLE001 - undecodable: parse_action_information says so
+            info = None
+        try:
+            transaction_uid, items = parse_action_information(info)
+        except CommitmentRequestError as exc:
+            logger.warning("storage commitment request refused with 0x%04X: %s", exc.status, exc.comment)
+            return _status(exc.status, exc.comment), None
+        assoc = event.assoc
+        commitment = CommitmentRequest(
+            transaction_uid=transaction_uid, items=items,
+            calling_ae=str(assoc.requestor.ae_title).strip(),
+            called_ae=str(assoc.acceptor.ae_title).strip(),
+            peer_host=str(assoc.requestor.address), channel=ReportChannel(assoc))
+        try:
+            status = self._on_commitment(commitment)
+        except Exception:  # noqa: BLE001 - never promise what was not recorded
+            logger.exception("storage commitment request could not be recorded; answered 0x%04X",
+                             ACTION_PROCESSING_FAILURE)
+            return _status(ACTION_PROCESSING_FAILURE, "Internal error: please request again"), None
+        return status, None

@@ -1,4 +1,5 @@
-"""C-ECHO and C-STORE SCU: how results reach the PACS."""
+"""C-ECHO, C-STORE and C-FIND SCU: how results, and in router mode the received images,
+reach the PACS."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +11,14 @@ from typing import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from .sop import RESULT_STORAGE, VERIFICATION
+from .sop import NATIVE_TRANSFER_SYNTAXES, RESULT_STORAGE, VERIFICATION
+from .transcode import native_copy
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +118,13 @@ def _ae(peer: Peer) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: Peer):
+def _associate(ae: AE, peer: Peer, ext_neg: list | None = None):
     tls = None
     if peer.ssl_context is not None:
         tls = (peer.ssl_context, peer.tls_server_name or peer.host)
         if isinstance(peer.ssl_context, ClientTLSContext):
             peer.ssl_context.handshake_error = None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, ext_neg=ext_neg)
     if assoc.is_established:
         set_nodelay(assoc)
     return assoc
@@ -177,26 +181,57 @@ def _describe_tls_error(exc: ssl.SSLError, peer: Peer) -> str:
     return exc.reason or str(exc)
 
 
+@dataclass(frozen=True)
+class _StoredFile:
+    path: Path
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+def _stored_file(path: str | Path) -> _StoredFile:
+    meta = read_file_meta_info(str(path))
+    return _StoredFile(Path(path), str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+
+
+def _requested_contexts(files: list[_StoredFile]) -> list[tuple[str, list[str]]]:
+    """One context per (SOP class, transfer syntax) of the files, so that the peer says
+    whether it takes each file as it is stored; then one per SOP class with the
+    uncompressed syntaxes, the lossless fallback."""
+    exact = dict.fromkeys((f.sop_class_uid, f.transfer_syntax) for f in files)
+    contexts = [(cls, [ts]) for cls, ts in exact]
+    for cls in dict.fromkeys([*(f.sop_class_uid for f in files), *RESULT_STORAGE]):
+        contexts.append((cls, list(NATIVE_TRANSFER_SYNTAXES)))
+    return contexts
+
+
 def send_files(peer: Peer, paths: list[str | Path], *,
-               on_outcome: Callable[[int, SendOutcome], None] | None = None) -> list[SendOutcome]:
+               on_outcome: Callable[[int, SendOutcome], None] | None = None,
+               to_native: Callable[[Path], Path] | None = None) -> list[SendOutcome]:
     """C-STORE each file over one association; one outcome per file, in order.
+
+    A file goes in the transfer syntax it is stored in, byte for byte (its data set is not
+    decoded), when the peer accepts that syntax for its SOP class. Otherwise it is converted
+    without loss to an uncompressed syntax the peer accepts: compressed pixel data is
+    decompressed by ``to_native(path) -> path of an uncompressed copy`` (default: pydicom in
+    a child process, ``dicom_node.transcode``). Nothing is ever compressed.
 
     ``on_outcome(index, outcome)`` is called as soon as each file's answer is known, so the
     caller can record it before the next file goes out (a crash then leaves at most one
     object whose fate is unknown).
     """
-    datasets = [dcmread(str(p)) for p in paths]
+    files = [_stored_file(p) for p in paths]
     ae = _ae(peer)
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets} | set(RESULT_STORAGE)):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class, syntaxes in _requested_contexts(files):
+        ae.add_requested_context(sop_class, syntaxes)
     assoc = _associate(ae, peer)
     if not assoc.is_established:
         why = _why_no_association(assoc, peer)
-        return [SendOutcome(False, None, why) for _ in datasets]
+        return [SendOutcome(False, None, why) for _ in files]
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     outcomes: list[SendOutcome] = []
     try:
-        for index, ds in enumerate(datasets):
-            outcomes.append(_store_one(assoc, ds))
+        for index, stored in enumerate(files):
+            outcomes.append(_store_file(assoc, stored, accepted, to_native or native_copy))
             if on_outcome is not None:
                 on_outcome(index, outcomes[-1])
             if not assoc.is_established:
@@ -204,7 +239,7 @@ def send_files(peer: Peer, paths: list[str | Path], *,
     finally:
         if assoc.is_established:
             assoc.release()
-    while len(outcomes) < len(datasets):
+    while len(outcomes) < len(files):
         outcomes.append(SendOutcome(False, None, "association lost before sending"))
     return outcomes
 
@@ -247,7 +282,37 @@ def instance_present(peer: Peer, study_uid: str, series_uid: str, sop_instance_u
     return found if answered else None
 
 
-def _store_one(assoc, ds: Dataset) -> SendOutcome:
+def _store_file(assoc, stored: _StoredFile, accepted: set[tuple[str, str]],
+                to_native: Callable[[Path], Path]) -> SendOutcome:
+    """Send one file as it is stored when the peer takes its syntax, else converted."""
+    cls, ts = stored.sop_class_uid, stored.transfer_syntax
+    if (cls, ts) in accepted:
+        # A path is sent as the file's encoded data set, unparsed (pynetdicom's chunked
+        # mode; it needs an accepted context of exactly the file's syntax, checked above).
+        _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        return _store_one(assoc, stored.path)
+    if not any((cls, native) in accepted for native in NATIVE_TRANSFER_SYNTAXES):
+        return SendOutcome(False, None, f"the peer accepts {UID(cls).name} in neither "
+                                        f"{UID(ts).name} nor an uncompressed transfer syntax")
+    copy = None
+    try:
+        if UID(ts).is_encapsulated:
+            copy = to_native(stored.path)    # decompressed, in a child process
+            ds = dcmread(str(copy))
+        else:   # another uncompressed encoding (pynetdicom re-encodes it), or deflated
+            ds = dcmread(str(stored.path))
+            if UID(ts).is_deflated:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    except Exception as exc:  # noqa: BLE001 - damaged file, decoder failed: say so, retry later
+        return SendOutcome(False, None, f"cannot convert from {UID(ts).name} for the peer: "
+                                        f"{type(exc).__name__}: {exc}")
+    finally:
+        if copy is not None:
+            Path(copy).unlink(missing_ok=True)
+    return _store_one(assoc, ds)
+
+
+def _store_one(assoc, ds: Dataset | Path) -> SendOutcome:
     try:
         rsp = assoc.send_c_store(ds)
     except Exception as exc:  # noqa: BLE001 - network or encoding error: retry later

@@ -15,6 +15,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -45,3 +46,12 @@ ACCEPTED_TRANSFER_SYNTAXES = (
 
 #: Result objects the SCU sends to the PACS (uncompressed is universally accepted).
 RESULT_STORAGE = (COMPREHENSIVE_3D_SR, GRAYSCALE_SOFTCOPY_PS, SECONDARY_CAPTURE)
+
+#: Uncompressed transfer syntaxes every storage SCP accepts: the fallback when a PACS does
+#: not accept the transfer syntax an object was received in.
+NATIVE_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+#: Storage Commitment Push Model (PS3.4 Annex J) and its well-known SOP Instance.
+STORAGE_COMMITMENT = str(StorageCommitmentPushModel)
+STORAGE_COMMITMENT_INSTANCE = str(StorageCommitmentPushModelInstance)
+

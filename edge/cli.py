@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="DICOM file")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("jobs", help="list received instances and their states, newest first")
+    p = sub.add_parser("jobs", help="list received instances, their states and deliveries (the "
+                       "image column: forwarding of the image itself in router mode), newest first")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--limit", type=int, default=50)
@@ -127,13 +128,17 @@ def _fmt_time(ts: float | None) -> str:
 
 def cmd_jobs(ns, config: Config) -> int:
     from .journal import Journal
-    if not config.journal_path.exists():
-        rows = []
-    else:
+    rows, deliveries, forwarding, details = [], {}, {}, {}
+    if config.journal_path.exists():
         journal = Journal(config.journal_path)
         try:
             rows = journal.list_instances(limit=ns.limit, state=ns.state)
-            deliveries = {r.sop_instance_uid: journal.delivery_summary(r.sop_instance_uid) for r in rows}
+            for r in rows:
+                uid = r.sop_instance_uid
+                current = [d for d in journal.deliveries_for(uid) if d.current]
+                deliveries[uid] = journal.delivery_summary(uid)
+                forwarding[uid] = journal.forwarding_summary(uid)
+                details[uid] = current
         finally:
             journal.close()
     if ns.json:
@@ -141,13 +146,17 @@ def cmd_jobs(ns, config: Config) -> int:
         for r in rows:
             d = r.to_dict()
             d["delivery"] = deliveries[r.sop_instance_uid]
+            d["forwarding"] = forwarding[r.sop_instance_uid]
+            d["deliveries"] = [row.to_dict() for row in details[r.sop_instance_uid]]
             out.append(d)
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
     if not rows:
         print(f"no instances received yet (journal: {config.journal_path})")
         return 0
-    print(f"{'received':19}  {'state':9}  {'TB':14}  {'nod':3}  {'delivery':8}  {'calling AE':16}  "
+    routed = any(forwarding[r.sop_instance_uid] != "none" for r in rows)
+    image = f"{'image':8}  " if routed else ""
+    print(f"{'received':19}  {'state':9}  {'TB':14}  {'nod':3}  {image}{'delivery':8}  {'calling AE':16}  "
           f"SOP Instance UID / reason")
     for r in rows:
         f = r.findings or {}
@@ -156,7 +165,8 @@ def cmd_jobs(ns, config: Config) -> int:
                    if tb else "-")
         nod = str(len(f.get("nodules", []))) if r.state == "analyzed" else "-"
         tail = r.sop_instance_uid + (f"  ({r.reason})" if r.reason else "")
-        print(f"{_fmt_time(r.received_at):19}  {r.state:9}  {tb_text:14}  {nod:>3}  "
+        image = f"{forwarding[r.sop_instance_uid]:8}  " if routed else ""
+        print(f"{_fmt_time(r.received_at):19}  {r.state:9}  {tb_text:14}  {nod:>3}  {image}"
               f"{deliveries[r.sop_instance_uid]:8}  {r.calling_ae:16}  {tail}")
     return 0
 
@@ -190,7 +200,8 @@ def cmd_journal(ns, config: Config) -> int:
     config.storage_dir.mkdir(parents=True, exist_ok=True)
     journal = open_journal(path, report)
     try:
-        recover_spool(journal, config.storage_dir, report)
+        recover_spool(journal, config.storage_dir, report,
+                      forward_to=tuple(d.name for d in config.source_destinations))
     finally:
         journal.close()
     print(report.summary() or "nothing to recover: the journal knows every stored image")

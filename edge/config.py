@@ -23,7 +23,10 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("sr", "gsps", "sc")
+OUTPUT_TYPES = ("sr", "gsps", "sc")          # result objects the box makes
+SOURCE = "source"                            # the received image itself, forwarded as is
+DESTINATION_OUTPUTS = (SOURCE, *OUTPUT_TYPES)
+COMMITMENT_MODES = ("off", "stored", "forwarded")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp16", "fp32", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -51,6 +54,21 @@ class NodeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    # Storage Commitment Push Model SCP: "stored" commits to what is durable on the box,
+    # "forwarded" also waits until every destination taking "source" holds the image,
+    # "off" does not offer the service.
+    commitment: str = "stored"
+    commitment_timeout_s: float = 600.0      # "forwarded": longest wait before failures are reported
+    commitment_report_port: int | None = None   # modality not in [[modalities]]: report to its IP here
+
+
+@dataclass(frozen=True)
+class ModalityConfig:
+    """A sender the box may have to call back: storage commitment results on a new association."""
+    name: str
+    ae_title: str
+    host: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,11 @@ class Destination:
     tls_ca: str | None = None             # CA bundle that signed the PACS certificate (None: node.tls_ca)
     tls_server_name: str | None = None    # name the PACS certificate must carry (None: host)
     tls_verify: bool = True               # False: no certificate check (logged loudly at start)
+    source_first: bool = True             # results of an image wait until the image itself is there
+
+    @property
+    def forwards_source(self) -> bool:
+        return SOURCE in self.outputs
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     destinations: tuple[Destination, ...] = ()
+    modalities: tuple[ModalityConfig, ...] = ()
     source: str | None = None   # the file it came from, for messages
 
     def __post_init__(self) -> None:
@@ -181,6 +205,18 @@ class Config:
             return Path(self.models.dir)
         from engines import DEFAULT_MODELS_DIR
         return Path(DEFAULT_MODELS_DIR)
+
+    @property
+    def source_destinations(self) -> tuple[Destination, ...]:
+        """Destinations the received images are forwarded to (router mode)."""
+        return tuple(d for d in self.destinations if d.forwards_source)
+
+    def modality(self, ae_title: str) -> ModalityConfig | None:
+        """The configured modality with this AE title, if any."""
+        for modality in self.modalities:
+            if modality.ae_title == ae_title.strip():
+                return modality
+        return None
 
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:
@@ -316,6 +352,13 @@ def _node(d: dict) -> NodeConfig:
     for k in ("tls_cert", "tls_key", "tls_ca"):
         if k in d:
             kw[k] = _existing_file(f"node.{k}", d[k])
+    if "commitment" in d:
+        kw["commitment"] = _choice("node.commitment", d["commitment"], COMMITMENT_MODES)
+    if "commitment_timeout_s" in d:
+        kw["commitment_timeout_s"] = _float_range("node.commitment_timeout_s", d["commitment_timeout_s"],
+                                                  0.0, 7 * 86400.0, open_lo=True)
+    if "commitment_report_port" in d:
+        kw["commitment_report_port"] = _port("node.commitment_report_port", d["commitment_report_port"])
     out = NodeConfig(**{**v.__dict__, **kw})
     if bool(out.tls_cert) != bool(out.tls_key):
         raise ConfigError("node.tls_cert and node.tls_key: set both for DICOM TLS, or neither")
@@ -488,9 +531,10 @@ def _destinations(items: Any, node: NodeConfig) -> tuple[Destination, ...]:
         names.add(name)
         outputs = OUTPUT_TYPES
         if "outputs" in d:
-            outputs = _str_list(f"{key}.outputs", d["outputs"], lambda k, v: _choice(k, v, OUTPUT_TYPES))
+            outputs = _str_list(f"{key}.outputs", d["outputs"],
+                                lambda k, v: _choice(k, v, DESTINATION_OUTPUTS))
             if not outputs:
-                raise ConfigError(f"{key}.outputs: empty; choose some of: {', '.join(OUTPUT_TYPES)}")
+                raise ConfigError(f"{key}.outputs: empty; choose some of: {', '.join(DESTINATION_OUTPUTS)}")
         tls = _check_type(f"{key}.tls", d.get("tls", False), bool, "true or false")
         tls_verify = _check_type(f"{key}.tls_verify", d.get("tls_verify", True), bool, "true or false")
         tls_ca = _existing_file(f"{key}.tls_ca", d.get("tls_ca"))
@@ -512,12 +556,43 @@ def _destinations(items: Any, node: NodeConfig) -> tuple[Destination, ...]:
             tls_ca=tls_ca,
             tls_server_name=server_name,
             tls_verify=tls_verify,
+            source_first=_check_type(f"{key}.source_first", d.get("source_first", True), bool,
+                                     "true or false"),
         ))
     return tuple(out)
 
 
+def _modalities(items: Any) -> tuple[ModalityConfig, ...]:
+    _check_type("modalities", items, list, "an array of tables ([[modalities]])")
+    out: list[ModalityConfig] = []
+    for i, d in enumerate(items):
+        key = f"modalities[{i}]"
+        _check_type(key, d, dict, "a table")
+        known = {f.name for f in fields(ModalityConfig)}
+        for k in d:
+            if k not in known:
+                raise ConfigError(f"{key}.{k}: unknown key; known keys: {', '.join(sorted(known))}")
+        for k in ("name", "ae_title", "host", "port"):
+            if k not in d:
+                raise ConfigError(f"{key}.{k}: required for every modality")
+        name = _check_type(f"{key}.name", d["name"], str, "a name")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"{key}.name: {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        modality = ModalityConfig(name=name, ae_title=_ae(f"{key}.ae_title", d["ae_title"]),
+                                  host=_host(f"{key}.host", d["host"]), port=_port(f"{key}.port", d["port"]))
+        for other in out:
+            if other.name == modality.name:
+                raise ConfigError(f"{key}.name: {name!r} is used by another modality")
+            if other.ae_title == modality.ae_title:
+                raise ConfigError(f"{key}.ae_title: {modality.ae_title!r} is used by modality "
+                                  f"{other.name!r}; storage commitment results are sent by AE title")
+        out.append(modality)
+    return tuple(out)
+
+
 _SECTIONS = {"node", "storage", "web", "models", "analysis", "identity", "triage", "delivery",
-             "logging", "destinations"}
+             "logging", "destinations", "modalities"}
+_ARRAYS = {"destinations", "modalities"}
 
 
 def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
@@ -525,7 +600,7 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
     for k in data:
         if k not in _SECTIONS:
             raise ConfigError(f"{k}: unknown section; known sections: {', '.join(sorted(_SECTIONS))}")
-    for k in _SECTIONS - {"destinations"}:
+    for k in _SECTIONS - _ARRAYS:
         if k in data and not isinstance(data[k], dict):
             raise ConfigError(f"{k}: expected a table [{k}]")
     node = _node(data.get("node", {}))
@@ -540,6 +615,7 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
         delivery=_delivery(data.get("delivery", {})),
         logging=_logging(data.get("logging", {})),
         destinations=_destinations(data.get("destinations", []), node),
+        modalities=_modalities(data.get("modalities", [])),
         source=source,
     )
 

@@ -244,12 +244,15 @@ class HealthMonitor:
             queues = {"analysis": by_state.get("received", 0) + by_state.get("analyzing", 0),
                       "instances": by_state,
                       "delivery": {d: c.get("pending", 0) + c.get("retrying", 0) for d, c in per_dest.items()},
-                      "gave_up": sum(c.get("gave_up", 0) for c in per_dest.values())}
+                      "gave_up": sum(c.get("gave_up", 0) for c in per_dest.values()),
+                      "commitments": self.journal.count_commitments_by_state()}
         except Exception:
             logger.exception("journal unreadable for the health snapshot")
             problems.append("journal_unreadable")
         if queues.get("gave_up"):
             problems.append("deliveries_gave_up")
+        if queues.get("commitments", {}).get("gave_up"):
+            problems.append("commitments_gave_up")
         for d in destinations:
             if d["reachable"] is False:
                 problems.append(f"destination_unreachable:{d['name']}")

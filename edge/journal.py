@@ -9,7 +9,10 @@ whose results could not be written (disk full or read-only) goes back to ``recei
 a ``not_before`` time and a reason, and is analysed again then.
 Delivery states: ``pending -> sent | retrying -> gave_up`` (one row per result object and
 destination); ``superseded`` when a new analysis of the same image replaced the object
-before it was sent.
+before it was sent. In router mode the received image itself is a delivery too
+(``object_type`` "source", ``result_uid`` its SOP Instance UID), queued in the transaction
+that records the image; its results are not due at a destination before it is sent there.
+Storage commitment requests (``commitments``) wait here until their result is reported.
 
 The schema is created and upgraded in place (``PRAGMA user_version``); a journal written by
 an older version gains the new columns at open.
@@ -25,12 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .journal_commitments import COMMITMENT_SCHEMA, COMMITMENT_STATES, CommitmentRecords, CommitmentRow
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["Journal", "InstanceRow", "DeliveryRow", "NewInstance", "CommitmentRow", "COMMITMENT_STATES",
+           "INSTANCE_STATES", "FINAL_INSTANCE_STATES", "DELIVERY_STATES", "SOURCE", "SCHEMA_VERSION",
+           "check_integrity"]
 
 INSTANCE_STATES = ("received", "analyzing", "analyzed", "skipped", "failed")
 FINAL_INSTANCE_STATES = ("analyzed", "skipped", "failed")
 DELIVERY_STATES = ("pending", "retrying", "sent", "gave_up", "superseded")
-SCHEMA_VERSION = 2
+SOURCE = "source"    # object_type of a forwarded received image
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -86,7 +96,15 @@ CREATE TABLE IF NOT EXISTS instance_versions (
     replaced_at        REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instance_versions_uid ON instance_versions(sop_instance_uid);
-"""
+""" + COMMITMENT_SCHEMA
+
+# A result row waits while the source row of its image to the same destination is not yet
+# sent (router mode, ``source_first``): part of every "what is due" query, so the order
+# holds across retries and restarts.
+_WAITS_FOR_SOURCE = (
+    " AND NOT (d.object_type != 'source' AND EXISTS (SELECT 1 FROM deliveries s"
+    " WHERE s.sop_instance_uid = d.sop_instance_uid AND s.destination = d.destination"
+    " AND s.object_type = 'source' AND s.replaced_at IS NULL AND s.state IN ('pending','retrying')))")
 
 # Columns added after the first release: (table, column, declaration).
 _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -175,6 +193,11 @@ class DeliveryRow:
     def current(self) -> bool:
         return self.replaced_at is None
 
+    @property
+    def is_source(self) -> bool:
+        """The received image itself, forwarded (router mode)."""
+        return self.object_type == SOURCE
+
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "id", "object_type", "result_uid", "destination", "state", "attempts",
@@ -198,7 +221,7 @@ class NewInstance:
     modality: str = ""
 
 
-class Journal:
+class Journal(CommitmentRecords):
     """SQLite journal shared by all threads of the appliance."""
 
     def __init__(self, path: str | Path):
@@ -251,13 +274,21 @@ class Journal:
         return InstanceRow(**dict(rows[0])) if rows else None
 
     def record_received(self, new: NewInstance, *, now: float | None = None,
-                        timings_ms: dict[str, float] | None = None) -> str:
+                        timings_ms: dict[str, float] | None = None,
+                        forward_to: Iterable[str] = (), unconfirmed: bool = False) -> str:
         """Insert a stored instance; returns "new", "duplicate" (same bytes) or "conflict".
 
         A re-sent instance with the same bytes keeps its row and state (not analyzed
-        twice). Different bytes under the same SOP Instance UID are a conflict: the earlier
-        version's file and facts are kept in ``instance_versions``, the instance counts the
-        conflict, and the new version is analyzed (its results get new UIDs).
+        twice, not forwarded twice). Different bytes under the same SOP Instance UID are a
+        conflict: the earlier version's file and facts are kept in ``instance_versions``,
+        the instance counts the conflict, and the new version is analyzed (its results get
+        new UIDs).
+
+        ``forward_to``: destinations that take the image itself (router mode). Its delivery
+        rows are written in this same transaction, so an acknowledged image is always
+        queued for forwarding; a conflict queues the new version again (the PACS gets the
+        latest). ``unconfirmed``: the image may already be there (recovered from the spool),
+        so the outbox asks before sending it.
         """
         now = time.time() if now is None else now
         timings = json.dumps({k: round(float(v), 3) for k, v in (timings_ms or {}).items()}, sort_keys=True)
@@ -282,6 +313,7 @@ class Journal:
                      new.transfer_syntax, new.calling_ae, new.path, new.sha256, new.size_bytes,
                      new.patient_name, new.patient_id, new.modality, now, now, timings,
                      new.sop_instance_uid))
+                self._queue_source(db, new, forward_to, now, unconfirmed)
                 return "conflict"
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
@@ -291,7 +323,25 @@ class Journal:
                 (new.sop_instance_uid, new.sop_class_uid, new.study_instance_uid,
                  new.series_instance_uid, new.transfer_syntax, new.calling_ae, new.path, new.sha256,
                  new.size_bytes, new.patient_name, new.patient_id, new.modality, now, now, timings))
+            self._queue_source(db, new, forward_to, now, unconfirmed)
             return "new"
+
+    @staticmethod
+    def _queue_source(db: sqlite3.Connection, new: NewInstance, destinations: Iterable[str],
+                      now: float, unconfirmed: bool) -> None:
+        """Queue the image itself for each destination (one row per destination; a newer
+        version under the same UID takes the row over, whatever its state)."""
+        for dest in destinations:
+            db.execute(
+                "INSERT INTO deliveries (sop_instance_uid, object_type, result_uid, path, destination,"
+                " state, created_at, updated_at, next_attempt_at, unconfirmed_at)"
+                " VALUES (?,?,?,?,?,'pending',?,?,?,?)"
+                " ON CONFLICT (result_uid, destination) DO UPDATE SET path=excluded.path,"
+                " state='pending', attempts=0, last_error=NULL, created_at=excluded.created_at,"
+                " updated_at=excluded.updated_at, next_attempt_at=excluded.next_attempt_at,"
+                " sent_at=NULL, replaced_at=NULL, unconfirmed_at=excluded.unconfirmed_at",
+                (new.sop_instance_uid, SOURCE, new.sop_instance_uid, new.path, dest, now, now, now,
+                 now if unconfirmed else None))
 
     def known_paths(self) -> set[str]:
         """Spool paths of every instance and earlier version the journal knows."""
@@ -445,7 +495,8 @@ class Journal:
             marks = ",".join("?" * len(new_uids)) or "''"
             db.execute(f"UPDATE deliveries SET replaced_at=?, updated_at=?,"
                        f" state=CASE WHEN state IN ('pending','retrying') THEN 'superseded' ELSE state END"
-                       f" WHERE sop_instance_uid=? AND replaced_at IS NULL AND result_uid NOT IN ({marks})",
+                       f" WHERE sop_instance_uid=? AND replaced_at IS NULL AND object_type != 'source'"
+                       f" AND result_uid NOT IN ({marks})",
                        (now, now, sop_instance_uid, *new_uids))
             for object_type, result_uid, path, dest in rows:
                 local = dest == local_destination
@@ -512,25 +563,34 @@ class Journal:
         return added
 
     def due_deliveries(self, *, now: float | None = None, limit: int = 50,
-                       destination: str | None = None) -> list[DeliveryRow]:
-        """Undelivered results due by ``now``, oldest due first; only ``destination``'s when
-        given, so that a backlog for one destination cannot hide another's rows."""
+                       destination: str | None = None, source_first: bool = True) -> list[DeliveryRow]:
+        """Undelivered objects due by ``now``, oldest due first; only ``destination``'s when
+        given, so that a backlog for one destination cannot hide another's rows.
+
+        ``source_first``: a result is not due at a destination while its image (router
+        mode) still waits to be sent there."""
         now = time.time() if now is None else now
-        sql = "SELECT * FROM deliveries WHERE state IN ('pending','retrying') AND next_attempt_at <= ?"
+        sql = "SELECT d.* FROM deliveries d WHERE d.state IN ('pending','retrying') AND d.next_attempt_at <= ?"
         args: tuple = (now,)
         if destination is not None:
-            sql += " AND destination=?"
+            sql += " AND d.destination=?"
             args += (destination,)
-        rows = self._query(sql + " ORDER BY next_attempt_at, id LIMIT ?", args + (limit,))
+        if source_first:
+            sql += _WAITS_FOR_SOURCE
+        rows = self._query(sql + " ORDER BY d.next_attempt_at, d.id LIMIT ?", args + (limit,))
         return [DeliveryRow(**dict(r)) for r in rows]
 
-    def next_delivery_time(self, destination: str | None = None) -> float | None:
-        """When the next undelivered result is due (epoch seconds), or None."""
-        sql = "SELECT MIN(next_attempt_at) FROM deliveries WHERE state IN ('pending','retrying')"
+    def next_delivery_time(self, destination: str | None = None, *,
+                           source_first: bool = True) -> float | None:
+        """When the next undelivered object is due (epoch seconds), or None; results waiting
+        for their image count only once it is sent (``source_first``)."""
+        sql = "SELECT MIN(d.next_attempt_at) FROM deliveries d WHERE d.state IN ('pending','retrying')"
         args: tuple = ()
         if destination is not None:
-            sql += " AND destination=?"
+            sql += " AND d.destination=?"
             args = (destination,)
+        if source_first:
+            sql += _WAITS_FOR_SOURCE
         rows = self._query(sql, args)
         return rows[0][0] if rows else None
 
@@ -543,40 +603,75 @@ class Journal:
             db.executemany("UPDATE deliveries SET unconfirmed_at=? WHERE id=?", [(now, i) for i in ids])
 
     def mark_delivery_sent(self, delivery_id: int, *, note: str | None = None, now: float | None = None,
-                           count_attempt: bool = True) -> None:
+                           count_attempt: bool = True, path: str | None = None) -> bool:
+        """Record an object as delivered. ``path``: only if the row still sends that file (a
+        newer version of a forwarded image may have taken the row over meanwhile)."""
         now = time.time() if now is None else now
+        sql = ("UPDATE deliveries SET state='sent', attempts=attempts+?, sent_at=?, updated_at=?,"
+               " last_error=?, unconfirmed_at=NULL WHERE id=?")
+        args: tuple = (1 if count_attempt else 0, now, now, note, delivery_id)
+        if path is not None:
+            sql, args = sql + " AND path=?", args + (path,)
         with self._tx() as db:
-            db.execute("UPDATE deliveries SET state='sent', attempts=attempts+?, sent_at=?, updated_at=?,"
-                       " last_error=?, unconfirmed_at=NULL WHERE id=?",
-                       (1 if count_attempt else 0, now, now, note, delivery_id))
+            return db.execute(sql, args).rowcount == 1
 
     def mark_delivery_failed(self, delivery_id: int, error: str, *, retry_at: float | None,
-                             now: float | None = None) -> None:
-        """A failed attempt: ``retry_at`` None means give up (maximum age reached)."""
+                             now: float | None = None, path: str | None = None,
+                             hold_results: bool = False) -> bool:
+        """A failed attempt: ``retry_at`` None means give up (maximum age reached).
+
+        ``path`` as for ``mark_delivery_sent``. ``hold_results``: when a forwarded image is
+        given up, its results still waiting for it at that destination give up with it
+        (they are never sent before the image)."""
         now = time.time() if now is None else now
         state = "retrying" if retry_at is not None else "gave_up"
+        sql = ("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, updated_at=?,"
+               " next_attempt_at=?, unconfirmed_at=NULL WHERE id=?")
+        args: tuple = (state, error[:500], now, retry_at if retry_at is not None else now, delivery_id)
+        if path is not None:
+            sql, args = sql + " AND path=?", args + (path,)
         with self._tx() as db:
-            db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, updated_at=?,"
-                       " next_attempt_at=?, unconfirmed_at=NULL WHERE id=?",
-                       (state, error[:500], now, retry_at if retry_at is not None else now, delivery_id))
+            changed = db.execute(sql, args).rowcount == 1
+            if changed and state == "gave_up" and hold_results:
+                row = db.execute("SELECT sop_instance_uid, destination, object_type FROM deliveries"
+                                 " WHERE id=?", (delivery_id,)).fetchone()
+                if row is not None and row["object_type"] == SOURCE:
+                    db.execute("UPDATE deliveries SET state='gave_up', updated_at=?, last_error=?"
+                               " WHERE sop_instance_uid=? AND destination=? AND object_type != 'source'"
+                               " AND replaced_at IS NULL AND state IN ('pending','retrying')",
+                               (now, "not sent: the image itself could not be forwarded to this destination",
+                                row["sop_instance_uid"], row["destination"]))
+            return changed
 
     def retry_delivery(self, delivery_id: int, *, now: float | None = None) -> bool:
-        """Technician's "retry now": a retrying or given-up delivery is due immediately."""
+        """Technician's "retry now": a retrying or given-up delivery is due immediately. For
+        a forwarded image, its given-up results at that destination are retried too (after it)."""
         now = time.time() if now is None else now
         with self._tx() as db:
             cur = db.execute("UPDATE deliveries SET state='retrying', next_attempt_at=?, created_at=?,"
                              " updated_at=? WHERE id=? AND state IN ('retrying','gave_up','pending')",
                              (now, now, now, delivery_id))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            row = db.execute("SELECT sop_instance_uid, destination, object_type FROM deliveries"
+                             " WHERE id=?", (delivery_id,)).fetchone()
+            if row["object_type"] == SOURCE:
+                db.execute("UPDATE deliveries SET state='retrying', next_attempt_at=?, created_at=?,"
+                           " updated_at=? WHERE sop_instance_uid=? AND destination=?"
+                           " AND object_type != 'source' AND replaced_at IS NULL AND state='gave_up'",
+                           (now, now, now, row["sop_instance_uid"], row["destination"]))
+            return True
 
     def resend_instance_results(self, sop_instance_uid: str, *, now: float | None = None) -> int:
         """Send every current result object of an instance again to every destination
-        (objects replaced by a later analysis are not sent again)."""
+        (objects replaced by a later analysis are not sent again). The image itself
+        (router mode) is sent again only where it has not been delivered."""
         now = time.time() if now is None else now
         with self._tx() as db:
             cur = db.execute("UPDATE deliveries SET state='pending', next_attempt_at=?, created_at=?,"
                              " updated_at=?, last_error=NULL WHERE sop_instance_uid=?"
-                             " AND replaced_at IS NULL", (now, now, now, sop_instance_uid))
+                             " AND replaced_at IS NULL AND (object_type != 'source' OR state != 'sent')",
+                             (now, now, now, sop_instance_uid))
             return cur.rowcount
 
     def sent_results(self, sop_instance_uid: str, object_type: str) -> list[DeliveryRow]:
@@ -620,6 +715,27 @@ class Journal:
             if s in states:
                 return s
         return "none"
+
+    def source_deliveries(self, sop_instance_uid: str) -> list[DeliveryRow]:
+        """The forwarding rows of the image itself, one per destination (router mode)."""
+        rows = self._query("SELECT * FROM deliveries WHERE sop_instance_uid=? AND object_type=?"
+                           " AND replaced_at IS NULL ORDER BY id", (sop_instance_uid, SOURCE))
+        return [DeliveryRow(**dict(r)) for r in rows]
+
+    def forwarding_summary(self, sop_instance_uid: str) -> str:
+        """One word for the image's own forwarding: none (not routed), pending, retrying,
+        sent or gave_up."""
+        states = {d.state for d in self.source_deliveries(sop_instance_uid)}
+        for s in ("gave_up", "retrying", "pending", "sent"):
+            if s in states:
+                return s
+        return "none"
+
+    def count_deliveries_by_type(self) -> dict[tuple[str, str, str], int]:
+        """Delivery rows by (destination, object_type, state)."""
+        return {(r[0], r[1], r[2]): r[3] for r in self._query(
+            "SELECT destination, object_type, state, COUNT(*) FROM deliveries"
+            " GROUP BY destination, object_type, state")}
 
 
 def check_integrity(path: str | Path) -> bool:

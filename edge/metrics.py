@@ -30,7 +30,10 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.
                    10.0, 30.0, 60.0)
 STAGES = ("store", "decode", "preprocess", "tb", "nodule", "report", "deliver")
 DELIVERY_OUTCOMES = ("sent", "retry", "gave_up")
+#: What a delivery row carries: the received image itself (router mode) or a result object.
+OBJECT_TYPES = ("source", "sr", "gsps", "sc")
 FINISHED_STATES = ("analyzed", "skipped", "failed")
+COMMITMENT_OUTCOMES = ("requested", "committed", "failures", "undeliverable")
 
 # Skip reasons are free text written by triage; metrics and the status page use these
 # categories. Order matters: the first pattern that matches wins.
@@ -130,12 +133,19 @@ class Metrics:
         self.end_to_end_seconds = Histogram(
             "edge_end_to_end_seconds", "From instance received to its last result delivered",
             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.deliveries = Counter("edge_deliveries", "Delivery attempts of result objects, by outcome",
-                                  ["destination", "outcome"], registry=self.registry)
+        self.deliveries = Counter("edge_deliveries", "Delivery attempts by outcome, of result objects"
+                                  " and forwarded images (object_type source)",
+                                  ["destination", "outcome", "object_type"], registry=self.registry)
+        self.commitments = Counter("edge_storage_commitments", "Storage commitment requests by"
+                                   " outcome: requested, committed (all instances), failures"
+                                   " (some not committed), undeliverable (result never accepted)",
+                                   ["outcome"], registry=self.registry)
         self.model_info = Gauge("edge_model_info", "Loaded models (value is always 1)",
                                 ["name", "version", "backend"], registry=self.registry)
         for stage in STAGES:   # series exist from the start, so rate() and p95 work at once
             self.stage_seconds.labels(stage=stage)
+        for outcome in COMMITMENT_OUTCOMES:
+            self.commitments.labels(outcome=outcome)
 
     def instance_received(self, calling_ae: str) -> None:
         self.received.labels(calling_ae=self._calling_ae.value(calling_ae)).inc()
@@ -160,10 +170,18 @@ class Metrics:
     def observe_end_to_end(self, seconds: float) -> None:
         self.end_to_end_seconds.observe(max(0.0, float(seconds)))
 
-    def delivery_outcome(self, destination: str, outcome: str) -> None:
+    def delivery_outcome(self, destination: str, outcome: str, *, object_type: str = "other") -> None:
+        """Count one delivery attempt of an object (``object_type``: source, sr, gsps, sc)."""
         if outcome not in DELIVERY_OUTCOMES:
             raise ValueError(f"outcome: {outcome!r} is not one of {', '.join(DELIVERY_OUTCOMES)}")
-        self.deliveries.labels(destination=_safe_label(destination, "destination"), outcome=outcome).inc()
+        kind = object_type if object_type in OBJECT_TYPES else "other"
+        self.deliveries.labels(destination=_safe_label(destination, "destination"), outcome=outcome,
+                               object_type=kind).inc()
+
+    def commitment_outcome(self, outcome: str) -> None:
+        if outcome not in COMMITMENT_OUTCOMES:
+            raise ValueError(f"outcome: {outcome!r} is not one of {', '.join(COMMITMENT_OUTCOMES)}")
+        self.commitments.labels(outcome=outcome).inc()
 
     def set_model_info(self, models: list[dict]) -> None:
         """Replace the model info series with one per model dict {name, version, backend}."""
@@ -214,10 +232,12 @@ class JournalCollector(Collector):
         try:
             by_state = self._journal.count_instances_by_state()
             per_dest = delivery_counts_by_destination(self._journal, self._destinations)
+            by_type = self._journal.count_deliveries_by_type()
+            commitments = self._journal.count_commitments_by_state()
             oldest = self._journal.oldest_pending_delivery_age()
         except Exception:   # a scrape must not fail because the journal is busy or gone
             logger.exception("metrics: could not read the journal")
-            by_state, per_dest, oldest = None, None, None
+            by_state, per_dest, by_type, commitments, oldest = None, None, None, None, None
         if by_state is not None and per_dest is not None:
             depth = GaugeMetricFamily("edge_queue_depth", "Work waiting: analysis (received+analyzing),"
                                       " delivery (pending+retrying) per destination",
@@ -237,6 +257,18 @@ class JournalCollector(Collector):
                 for state, n in counts.items():
                     dl.add_metric([dest, state], n)
             yield dl
+            typed = GaugeMetricFamily("edge_deliveries_by_type_in_state", "Journal delivery rows by"
+                                      " destination, object type (source: the forwarded image;"
+                                      " sr, gsps, sc: results) and state",
+                                      labels=["destination", "object_type", "state"])
+            for (dest, kind, state), n in sorted((by_type or {}).items()):
+                typed.add_metric([dest, kind if kind in OBJECT_TYPES else "other", state], n)
+            yield typed
+            sc = GaugeMetricFamily("edge_storage_commitments_in_state", "Storage commitment requests"
+                                   " by state (waiting: result not reported yet)", labels=["state"])
+            for state, n in (commitments or {}).items():
+                sc.add_metric([state], n)
+            yield sc
             yield GaugeMetricFamily("edge_oldest_pending_delivery_age_seconds",
                                     "Age of the oldest result not yet delivered (0 when none)",
                                     value=oldest or 0.0)

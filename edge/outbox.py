@@ -1,4 +1,5 @@
-"""The outbox: sends queued result objects to each destination until they are stored.
+"""The outbox: sends queued objects to each destination until they are stored: result
+objects, and in router mode the received images themselves (object type "source").
 
 One sender thread per destination, so a PACS that is down does not hold up another.
 Failures (no connection, abort, any failure status) are retried with exponential backoff
@@ -12,15 +13,22 @@ PACS cannot be reached, the sender waits out that backoff (or a wake-up: new res
 technician's "retry now") before trying its next batch.
 The log says when a destination starts failing (WARNING, with the reason) and when it works
 again (INFO); the retries in between are DEBUG.
+
+Router mode: a forwarded image goes in the transfer syntax it was received in when the
+destination accepts it, else losslessly converted (``dicom_node.scu.send_files``). Its
+results are due at a destination only once it is sent there (``source_first``, the
+journal's due query); when it is given up, they give up with it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from typing import Callable
 
 from dicom_node.scu import Peer, SendOutcome, instance_present, make_client_ssl_context, send_files
+from dicom_node.transcode import native_copy
 
 from .config import Config, Destination
 from .journal import DeliveryRow, Journal
@@ -28,6 +36,11 @@ from .journal import DeliveryRow, Journal
 logger = logging.getLogger(__name__)
 
 BATCH = 24   # objects per association
+
+
+def _what(row: DeliveryRow) -> str:
+    """How logs name a delivery's object: "image" (forwarded) or "SR", "GSPS", "SC"."""
+    return "image" if row.is_source else row.object_type.upper()
 
 
 def backoff_s(attempts: int, initial: float, cap: float) -> float:
@@ -47,11 +60,25 @@ class Outbox:
         self._threads: list[threading.Thread] = []
         self._failing: dict[str, str] = {}   # destination -> why it fails, while it does
         self._unverifiable: set[str] = set()  # destinations that cannot answer C-FIND
+        self._on_progress: list[Callable[[], None]] = []   # told after each batch (commitment)
+        # Lossless conversions for a PACS that does not take a forwarded image's syntax:
+        # decompressed in a child process with the analysis decoder's limits.
+        self._scratch = config.storage_dir / "outbox-tmp"
+        self._to_native = functools.partial(
+            native_copy, timeout_s=max(60.0, config.analysis.decode_timeout_s),
+            memory_mb=config.analysis.decode_memory_mb, work_dir=self._scratch)
 
     def _peer(self, dest: Destination) -> Peer:
         return destination_peer(self.config, dest)
 
+    def on_progress(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every batch a sender has recorded."""
+        self._on_progress.append(callback)
+
     def start(self) -> "Outbox":
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        for leftover in self._scratch.glob(".native-*"):   # a conversion cut short by a stop
+            leftover.unlink(missing_ok=True)
         for dest in self.config.destinations:
             if dest.tls and not dest.tls_verify:
                 logger.warning("destination %s: the certificate of %s:%d is NOT verified "
@@ -81,7 +108,7 @@ class Outbox:
         """Deliveries to a destination removed from the config cannot be sent: say so."""
         known = {d.name for d in self.config.destinations}
         from .pipeline import LOCAL_DESTINATION
-        for row in self.journal.due_deliveries(now=float("inf"), limit=10000):
+        for row in self.journal.due_deliveries(now=float("inf"), limit=10000, source_first=False):
             if row.destination not in known and row.destination != LOCAL_DESTINATION:
                 self.journal.mark_delivery_failed(
                     row.id, f"destination {row.destination!r} is no longer configured", retry_at=None)
@@ -91,14 +118,17 @@ class Outbox:
         wake = self._wake[dest.name]
         while not self._stop.is_set():
             now = time.time()
-            due = self.journal.due_deliveries(now=now, limit=BATCH, destination=dest.name)
+            due = self.journal.due_deliveries(now=now, limit=BATCH, destination=dest.name,
+                                              source_first=dest.source_first)
             if due:
                 pause = self._send_batch(dest, due)
+                for callback in self._on_progress:
+                    callback()
                 if pause:   # unreachable: the next batch after the backoff, or when woken
                     wake.wait(pause)
                     wake.clear()
                 continue
-            nxt = self.journal.next_delivery_time(dest.name)
+            nxt = self.journal.next_delivery_time(dest.name, source_first=dest.source_first)
             timeout = 5.0 if nxt is None else min(5.0, max(0.05, nxt - now))
             wake.wait(timeout)
             wake.clear()
@@ -116,7 +146,8 @@ class Outbox:
         paths = [self.config.storage_dir / r.path for r in rows]
         missing = [r for r, p in zip(rows, paths) if not p.exists()]
         for r in missing:
-            self.journal.mark_delivery_failed(r.id, "result file is missing from storage", retry_at=None)
+            self.journal.mark_delivery_failed(r.id, f"{_what(r)} file is missing from storage", retry_at=None,
+                                              path=r.path, hold_results=dest.source_first)
         rows = [r for r in rows if r not in missing]
         rows = self._confirm_unknown(dest, rows)
         if not rows:
@@ -131,7 +162,8 @@ class Outbox:
 
         started = time.perf_counter()
         try:
-            outcomes = send_files(self._peer_factory(dest), paths, on_outcome=record)
+            outcomes = send_files(self._peer_factory(dest), paths, on_outcome=record,
+                                  to_native=self._to_native)
         except Exception as exc:  # noqa: BLE001 - unreadable file, TLS setup error, ...
             logger.debug("sending to %s raised", dest.name, exc_info=True)
             error = f"{type(exc).__name__}: {exc}"
@@ -151,24 +183,27 @@ class Outbox:
         """Journal one object's answer at once (sent, retry later, or given up)."""
         now = time.time()
         if outcome.delivered:
-            self.journal.mark_delivery_sent(row.id, note=None if outcome.status == 0 else outcome.message, now=now)
+            self.journal.mark_delivery_sent(row.id, note=None if outcome.status == 0 else outcome.message,
+                                            now=now, path=row.path)
             batch.delivered.add(row.sop_instance_uid)
-            self._count(dest.name, "sent")
+            self._count(dest.name, "sent", row.object_type)
             return
         batch.failures.append((row, outcome.message))
         age_s = now - row.created_at
         if age_s >= self.config.delivery.max_age_hours * 3600.0:
-            logger.error("giving up delivery of a %s to %s after %.1f h: %s",
-                         row.object_type.upper(), dest.name, age_s / 3600.0, outcome.message)
-            self.journal.mark_delivery_failed(row.id, outcome.message, retry_at=None, now=now)
-            self._count(dest.name, "gave_up")
+            logger.error("giving up delivery of the %s to %s after %.1f h: %s",
+                         _what(row), dest.name, age_s / 3600.0, outcome.message)
+            self.journal.mark_delivery_failed(row.id, outcome.message, retry_at=None, now=now,
+                                              path=row.path, hold_results=dest.source_first)
+            self._count(dest.name, "gave_up", row.object_type)
             return
         delay = backoff_s(row.attempts + 1, self.config.delivery.initial_backoff_s,
                           self.config.delivery.max_backoff_s)
-        logger.debug("delivery of a %s to %s failed (%s); retry in %.0f s",
-                     row.object_type.upper(), dest.name, outcome.message, delay)
-        self.journal.mark_delivery_failed(row.id, outcome.message, retry_at=now + delay, now=now)
-        self._count(dest.name, "retry")
+        logger.debug("delivery of the %s to %s failed (%s); retry in %.0f s",
+                     _what(row), dest.name, outcome.message, delay)
+        self.journal.mark_delivery_failed(row.id, outcome.message, retry_at=now + delay, now=now,
+                                          path=row.path)
+        self._count(dest.name, "retry", row.object_type)
         batch.pause = max(batch.pause, delay)
 
     def _confirm_unknown(self, dest: Destination, rows: list[DeliveryRow]) -> list[DeliveryRow]:
@@ -177,7 +212,7 @@ class Outbox:
         not receive them twice. Returns the rows still to send."""
         to_send = []
         for row in rows:
-            if row.unconfirmed_at is None:
+            if row.unconfirmed_at is None or self._other_versions_sent(row):
                 to_send.append(row)
                 continue
             present = None
@@ -192,9 +227,9 @@ class Outbox:
             if present:
                 self.journal.mark_delivery_sent(
                     row.id, note="already held by the PACS (checked after an interruption)",
-                    count_attempt=False)
-                logger.info("a %s for %s was already at %s (sent before an interruption): "
-                            "not sent again", row.object_type.upper(), row.sop_instance_uid, dest.name)
+                    count_attempt=False, path=row.path)
+                logger.info("the %s of %s was already at %s (sent before an interruption): "
+                            "not sent again", _what(row), row.sop_instance_uid, dest.name)
                 continue
             if present is None and dest.name not in self._unverifiable:
                 self._unverifiable.add(dest.name)
@@ -222,11 +257,19 @@ class Outbox:
         for row, message in failures:
             if row.attempts == 0:
                 logger.warning("%s to %s not delivered, will retry with backoff: %s",
-                               row.object_type.upper(), dest.name, message)
+                               _what(row), dest.name, message)
 
-    def _count(self, destination: str, outcome: str) -> None:
+    def _other_versions_sent(self, row: DeliveryRow) -> bool:
+        """A forwarded image received in several versions under one UID: a C-FIND cannot
+        tell which one the PACS holds, so the latest is sent whatever it answers."""
+        if not row.is_source:
+            return False
+        inst = self.journal.find_instance(row.sop_instance_uid)
+        return inst is not None and inst.conflicts > 0
+
+    def _count(self, destination: str, outcome: str, object_type: str) -> None:
         if self.metrics is not None:
-            self.metrics.delivery_outcome(destination, outcome)
+            self.metrics.delivery_outcome(destination, outcome, object_type=object_type)
 
     def _record_delivered(self, uids: set[str], per_object_ms: float) -> None:
         """Deliver-stage timing, and end-to-end when an instance has nothing left to send."""
@@ -235,8 +278,8 @@ class Outbox:
             if any(r.state in ("pending", "retrying") for r in rows):
                 continue
             inst = self.journal.find_instance(uid)
-            if inst is None:
-                continue
+            if inst is None or inst.state in ("received", "analyzing"):
+                continue   # a forwarded image whose results are still to come
             if "deliver" not in inst.timings:
                 self.journal.add_timings(uid, {"deliver": per_object_ms * len(rows)})
                 if self.metrics is not None:

@@ -2,7 +2,8 @@
 
 Order matters for durability: the file is durable before the journal row is committed,
 and the SCP answers success only after both. Anything else answers a failure status so
-the modality sends again.
+the modality sends again. In router mode the same journal transaction queues the image for
+forwarding to every destination taking "source", analysed or not.
 """
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ class Receiver:
     def __init__(self, journal: Journal, spool: Spool, *,
                  on_new: Callable[[str], None] | None = None,
                  on_received: Callable[[str], None] | None = None,
-                 observe_stage: Callable[[str, float], None] | None = None):
+                 observe_stage: Callable[[str, float], None] | None = None,
+                 forward_to: tuple[str, ...] = ()):
+        """``forward_to``: destinations that take the received images themselves (router
+        mode); ``on_new(uid)`` is called for each new or changed instance."""
         self.journal = journal
         self.spool = spool
+        self.forward_to = tuple(forward_to)
         self._on_new = on_new or (lambda uid: None)
         self._on_received = on_received or (lambda calling_ae: None)
         self._observe = observe_stage or (lambda stage, seconds: None)
@@ -77,7 +82,8 @@ class Receiver:
                 modality=_text(ds, "Modality"),
             )
             try:
-                outcome = self.journal.record_received(new, timings_ms={"store": store_s * 1000.0})
+                outcome = self.journal.record_received(new, timings_ms={"store": store_s * 1000.0},
+                                                       forward_to=self.forward_to)
             except Exception:
                 logger.exception("journal write failed; the instance is not acknowledged")
                 if written:   # never acknowledged: remove what this call wrote

@@ -78,8 +78,11 @@ def open_journal(path: Path, report: RecoveryReport | None = None) -> Journal:
 
 
 def recover_spool(journal: Journal, storage_dir: Path, report: RecoveryReport | None = None, *,
-                  older_than: float | None = None) -> RecoveryReport:
+                  older_than: float | None = None, forward_to: tuple[str, ...] = ()) -> RecoveryReport:
     """Put every spool file the journal does not know back into it as ``received``.
+
+    ``forward_to`` (router mode): the recovered images are queued for forwarding again,
+    marked as possibly delivered already, so the outbox asks the PACS before sending.
 
     Files are taken oldest first, so when several versions of one SOP Instance UID are
     found, the newest becomes the current one and the others its earlier versions. Files
@@ -133,7 +136,7 @@ def recover_spool(journal: Journal, storage_dir: Path, report: RecoveryReport | 
             report.recovered += 1
             report.conflicts += 1
             continue
-        outcome = journal.record_received(new, now=mtime)
+        outcome = journal.record_received(new, now=mtime, forward_to=forward_to, unconfirmed=True)
         if outcome != "duplicate":
             journal.mark_recovered(new.sop_instance_uid)
             report.recovered += 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from dicom_node.scp import SCPSettings, StoreSCP, make_server_ssl_context
 
 from . import systemd
+from .commitment import CommitmentService
 from .config import Config, ConfigError
 from .decoder import IsolatedDecoder
 from .journal import Journal
@@ -40,6 +41,7 @@ class Appliance:
         self.models: dict = {}
         self.pipeline = None
         self.outbox = None
+        self.commitment: CommitmentService | None = None
         self.health = None
         self.web = None
         self.work_available = threading.Event()
@@ -71,12 +73,20 @@ class Appliance:
         self._start_analysis()      # models first: a bad model stops the start, loudly
         self.outbox = Outbox(cfg, self.journal, metrics=self.metrics).start()
         self.pipeline.start()
-        receiver = Receiver(self.journal, self.spool, on_new=lambda uid: self.work_available.set(),
+        if cfg.node.commitment != "off":
+            self.commitment = CommitmentService(cfg, self.journal, metrics=self.metrics).start()
+            self.outbox.on_progress(self.commitment.wake)
+        forward_to = tuple(d.name for d in cfg.source_destinations)
+        if forward_to:
+            logger.info("router mode: every received image is forwarded to %s", ", ".join(forward_to))
+        receiver = Receiver(self.journal, self.spool, on_new=self._new_instance,
                             on_received=self.metrics.instance_received,
-                            observe_stage=self.metrics.observe_stage)
+                            observe_stage=self.metrics.observe_stage, forward_to=forward_to)
         node = cfg.node
         try:
-            self.scp = StoreSCP(self._scp_settings(), receiver).start()
+            self.scp = StoreSCP(self._scp_settings(), receiver,
+                                on_commitment=self.commitment.on_request if self.commitment else None
+                                ).start()
         except OSError as exc:
             raise ConfigError(f"node.port: cannot listen for DICOM on {node.host}:{node.port} "
                               f"({exc.strerror or exc}); is another edge serve or a PACS using "
@@ -96,15 +106,26 @@ class Appliance:
         systemd.notify("READY=1\nSTATUS=listening for DICOM on port %d" % self.scp.port)
         return self
 
+    def _new_instance(self, sop_instance_uid: str) -> None:
+        """A new image is journaled (and queued for forwarding in router mode)."""
+        self.work_available.set()
+        if self.outbox is not None:
+            self.outbox.wake()
+        if self.commitment is not None:
+            self.commitment.wake()
+
     def _recover(self) -> None:
         try:
             recover_spool(self.journal, self.config.storage_dir, self.recovery,
-                          older_than=self._started_at)
+                          older_than=self._started_at,
+                          forward_to=tuple(d.name for d in self.config.source_destinations))
         except Exception:   # noqa: BLE001 - the service runs on; the log says why
             logger.exception("journal recovery from the spool failed")
             return
         if self.recovery.recovered:
             self.work_available.set()
+            if self.outbox is not None:
+                self.outbox.wake()
 
     def stop(self) -> None:
         if self._stopped:
@@ -121,6 +142,8 @@ class Appliance:
             self.health.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
+        if self.commitment is not None:
+            self.commitment.stop()
         if self.outbox is not None:
             self.outbox.stop()
         for model in self.models.values():
@@ -227,7 +250,7 @@ class Appliance:
     def service_problems(self) -> list[str]:
         """Problems of the running parts: dead worker threads, results that cannot be written."""
         problems = []
-        for part in (self.pipeline, self.outbox):
+        for part in (self.pipeline, self.outbox, self.commitment):
             dead = getattr(part, "dead_workers", None)
             if dead is not None:
                 problems += [f"worker_dead:{name}" for name in dead()]

@@ -56,6 +56,13 @@ def test_full_example_from_the_readme_loads(tmp_path):
      "destinations[0].outputs[0]", "sr, gsps, sc"),
     ({"destinations": [{"name": "p", "ae_title": "A", "host": "h", "port": 1},
                        {"name": "p", "ae_title": "B", "host": "h", "port": 2}]}, "destinations[1].name", "used by another"),
+    ({"destinations": [{"name": "p", "ae_title": "A", "host": "h", "port": 1, "source_first": "yes"}]},
+     "destinations[0].source_first", "true or false"),
+    ({"node": {"commitment": "always"}}, "node.commitment", "off, stored, forwarded"),
+    ({"node": {"commitment_timeout_s": 0}}, "node.commitment_timeout_s", "> 0"),
+    ({"modalities": [{"name": "dx", "ae_title": "DX", "host": "h"}]}, "modalities[0].port", "required"),
+    ({"modalities": [{"name": "a", "ae_title": "DX", "host": "h", "port": 1},
+                     {"name": "b", "ae_title": "DX", "host": "h", "port": 2}]}, "modalities[1].ae_title", "used by"),
 ])
 def test_invalid_values_name_the_key_and_what_is_allowed(data, key, hint):
     with pytest.raises(ConfigError) as err:
@@ -91,3 +98,19 @@ def test_relative_paths_are_resolved_once_against_the_start_directory(tmp_path, 
     assert from_file.storage_dir == start / "data"
     assert from_file.engine_cache_dir.is_absolute() and "~" not in str(from_file.engine_cache_dir)
     assert load_config(path).storage_dir == tmp_path / "data"   # a new start, a new directory
+
+
+def test_router_mode_settings(tmp_path):
+    """outputs "source" forwards the received images; storage commitment settings."""
+    cfg = config_from_dict({
+        "node": {"commitment": "forwarded", "commitment_timeout_s": 120, "commitment_report_port": 104},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104,
+                          "outputs": ["source", "sr", "gsps", "sc"]},
+                         {"name": "viewer", "ae_title": "V", "host": "h", "port": 105, "outputs": ["sc"],
+                          "source_first": False}],
+        "modalities": [{"name": "room1", "ae_title": "DX_ROOM1", "host": "10.0.0.7", "port": 104}]})
+    assert [d.name for d in cfg.source_destinations] == ["pacs"]
+    assert cfg.destination("pacs").source_first and not cfg.destination("viewer").source_first
+    assert cfg.modality("DX_ROOM1").host == "10.0.0.7" and cfg.modality("OTHER") is None
+    assert cfg.node.commitment == "forwarded" and cfg.node.commitment_report_port == 104
+    assert Config().node.commitment == "stored" and Config().source_destinations == ()

@@ -75,3 +75,96 @@ def test_a_journal_from_the_first_release_is_upgraded_in_place(tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+# ------------------------------------------------------------------ router mode
+
+def _new(uid: str = "1.2.3", sha: str = "a", path: str = "spool/1.2/1.2.3.dcm"):
+    from edge.journal import NewInstance
+    return NewInstance(sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                       study_instance_uid="1.2", series_instance_uid="1.2.4",
+                       transfer_syntax="1.2.840.10008.1.2.1", calling_ae="XRAY", path=path,
+                       sha256=sha * 64, size_bytes=100)
+
+
+def _due(journal, dest="pacs", **kw):
+    return [(d.object_type, d.state) for d in journal.due_deliveries(now=1e12, destination=dest, **kw)]
+
+
+def test_the_image_is_queued_with_its_row_and_its_results_wait_for_it(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    assert journal.record_received(_new(), forward_to=("pacs", "archive"), now=10.0) == "new"
+    rows = journal.source_deliveries("1.2.3")
+    assert [(r.destination, r.state, r.result_uid) for r in rows] == [
+        ("pacs", "pending", "1.2.3"), ("archive", "pending", "1.2.3")]
+    journal.complete_analysis("1.2.3", findings={}, timings_ms={}, now=20.0,
+                              plan=[("sr", "2.25.1", "results/sr.dcm", "pacs")])
+    assert journal.source_deliveries("1.2.3")[0].state == "pending"   # not superseded by results
+    assert _due(journal) == [("source", "pending")]                    # the SR waits for the image
+    assert journal.next_delivery_time("pacs") == 10.0
+    assert sorted(_due(journal, source_first=False)) == [("source", "pending"), ("sr", "pending")]
+    source = journal.source_deliveries("1.2.3")[0]
+    journal.mark_delivery_failed(source.id, "down", retry_at=30.0)
+    assert _due(journal) == [("source", "retrying")]                  # across retries too
+    assert journal.forwarding_summary("1.2.3") == "retrying"
+    assert journal.mark_delivery_sent(source.id, path=source.path)
+    assert _due(journal) == [("sr", "pending")]
+    # the same bytes again: not forwarded twice
+    assert journal.record_received(_new(), forward_to=("pacs", "archive")) == "duplicate"
+    assert journal.source_deliveries("1.2.3")[0].state == "sent"
+    journal.close()
+
+
+def test_other_bytes_under_the_same_uid_are_forwarded_again_and_a_stale_answer_is_ignored(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.record_received(_new(), forward_to=("pacs",))
+    old = journal.source_deliveries("1.2.3")[0]
+    journal.mark_in_flight([old.id])
+    assert journal.record_received(_new(sha="b", path="spool/1.2/1.2.3.bbbb.dcm"),
+                                   forward_to=("pacs",)) == "conflict"
+    new = journal.source_deliveries("1.2.3")[0]
+    assert (new.id, new.state, new.path, new.unconfirmed_at) == (old.id, "pending", "spool/1.2/1.2.3.bbbb.dcm", None)
+    # the answer to the earlier version's send arrives now: it does not mark the new one sent
+    assert not journal.mark_delivery_sent(old.id, path=old.path)
+    assert journal.get_delivery(old.id).state == "pending"
+    journal.mark_delivery_sent(new.id, path=new.path)
+    journal.record_received(_new(sha="c", path="spool/1.2/1.2.3.cccc.dcm"), forward_to=("pacs",))
+    assert journal.source_deliveries("1.2.3")[0].state == "pending"   # the PACS gets the latest
+    journal.close()
+
+
+def test_results_give_up_with_their_image_and_come_back_with_it(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.record_received(_new(), forward_to=("pacs",))
+    journal.complete_analysis("1.2.3", findings={}, timings_ms={},
+                              plan=[("sr", "2.25.1", "results/sr.dcm", "pacs"),
+                                    ("sc", "2.25.2", "results/sc.dcm", "pacs")])
+    source = journal.source_deliveries("1.2.3")[0]
+    journal.mark_delivery_failed(source.id, "too old", retry_at=None, hold_results=True)
+    assert {d.object_type: d.state for d in journal.deliveries_for("1.2.3")} == {
+        "source": "gave_up", "sr": "gave_up", "sc": "gave_up"}
+    assert journal.retry_delivery(source.id)
+    assert {d.object_type: d.state for d in journal.deliveries_for("1.2.3")} == {
+        "source": "retrying", "sr": "retrying", "sc": "retrying"}
+    assert _due(journal) == [("source", "retrying")]
+    journal.mark_delivery_sent(source.id)
+    assert journal.resend_instance_results("1.2.3") == 2      # results again, not the image
+    assert journal.source_deliveries("1.2.3")[0].state == "sent"
+    journal.close()
+
+
+def test_storage_commitment_requests_survive_a_reopen(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    cid = journal.record_commitment("1.2.9", "XRAY", "10.0.0.7", [("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3")],
+                                    decide_by=50.0, now=10.0)
+    journal.commitment_report_failed(cid, "modality unreachable", retry_at=12.0, now=11.0)
+    journal.close()
+    journal = Journal(path)
+    [row] = journal.waiting_commitments(now=13.0)
+    assert (row.id, row.transaction_uid, row.items, row.attempts) == (cid, "1.2.9", [("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3")], 1)
+    assert journal.waiting_commitments(now=11.5) == []         # not before its retry time
+    journal.commitment_reported(cid, event_type=2, failed=[("1.2.3", 0x0112)])
+    assert journal.count_commitments_by_state() == {"waiting": 0, "reported": 1, "gave_up": 0}
+    assert journal.list_commitments()[0].to_dict()["failed"] == [["1.2.3", 0x0112]]
+    journal.close()

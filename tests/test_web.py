@@ -566,3 +566,23 @@ def test_detail_page_shows_a_conflict_and_replaced_results(logged_in):
     detail = logged_in["client"].get(f"/api/instances/{uid}").get_json()
     assert detail["conflicts"] == 1 and {d["result_uid"] for d in detail["deliveries"]} == {"2.25.3", "2.25.4"}
     assert journal.resend_instance_results(uid) == 2   # only the current objects are resent
+
+
+def test_a_forwarded_image_is_a_delivery_of_type_source(logged_in):
+    """Router mode: the image itself is shown per destination like its results."""
+    client, journal, storage = logged_in["client"], logged_in["journal"], logged_in["config"].storage_dir
+    new = write_dicom(storage, "spool/routed.dcm", patient_name="ROUTED^ONE", patient_id="R9")
+    journal.record_received(new, forward_to=("pacs",))
+    journal.finish_instance(new.sop_instance_uid, "skipped", reason="lateral view")
+    source = journal.source_deliveries(new.sop_instance_uid)[0]
+    journal.mark_delivery_failed(source.id, "cannot connect to PACS", retry_at=time.time() + 60)
+    view = client.get(f"/api/instances/{new.sop_instance_uid}").get_json()
+    assert view["forwarding"] == "retrying" and view["delivery"] == "retrying"
+    assert [(d["object_type"], d["destination"], d["state"]) for d in view["deliveries"]] == [
+        ("source", "pacs", "retrying")]
+    page = client.get(f"/instances/{new.sop_instance_uid}").get_data(as_text=True)
+    assert 'id="forwarding"' in page and "<td>source</td>" in page and "cannot connect to PACS" in page
+    listed = {v["sop_instance_uid"]: v for v in client.get("/api/instances").get_json()["instances"]}
+    assert listed[new.sop_instance_uid]["forwarding"] == "retrying"
+    analysed = listed[logged_in["uids"]["analyzed"]]
+    assert analysed["forwarding"] == "none"      # not routed

@@ -66,6 +66,8 @@ def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool
         "timings_ms": row.timings,
         "conflicts": row.conflicts,
         "delivery": delivery_word({d.state for d in deliveries}),
+        # router mode: the image itself, forwarded (none when it is not routed)
+        "forwarding": delivery_word({d.state for d in deliveries if d.is_source}),
         "delivery_by_destination": {dest: delivery_word(states) for dest, states in sorted(per_dest.items())},
         "end_to_end_s": (max(sent_times) - row.received_at) if delivered_all and sent_times else None,
         "thumbnail_url": url_for("pages.image", uid=row.sop_instance_uid, kind="thumb", v=version),

@@ -64,6 +64,10 @@
     if (v.nodule_count !== null) {
       facts.push('<div class="fact"><span>' + esc(t("nodules")) + "</span><b>" + esc(v.nodule_count) + "</b></div>");
     }
+    if (v.forwarding && v.forwarding !== "none") {
+      facts.push('<div class="fact"><span>' + esc(t("image_to_pacs")) + '</span><span class="delivery-' +
+        esc(v.forwarding) + '">' + esc(t("delivery_" + v.forwarding)) + "</span></div>");
+    }
     facts.push('<div class="fact"><span>' + esc(t("results_to_pacs")) + "</span>" + deliveryText(v) + "</div>");
     if (v.demonstration) { facts.push('<div class="demo">' + esc(t("demo_warning")) + "</div>"); }
     facts.push('<a class="button" href="' + esc(v.detail_url) + '">' + esc(t("details")) + "</a>");
@@ -106,6 +110,9 @@
     });
     item(t("oldest_unsent"), esc(duration(h.oldest_pending_delivery_s)), (h.oldest_pending_delivery_s || 0) > 600);
     if (q.gave_up) { item(t("gave_up_count"), esc(q.gave_up), true); }
+    var sc = q.commitments || {};
+    if (sc.waiting) { item(t("commitments_waiting"), esc(sc.waiting), false); }
+    if (sc.gave_up) { item(t("commitments_gave_up"), esc(sc.gave_up), true); }
     var disk = h.disk || {};
     item(t("disk_free"), esc(bytes(disk.free_bytes)) + (disk.low ? " " + esc(t("disk_low")) : ""), disk.low);
     (h.models || []).forEach(function (m) {
