@@ -27,6 +27,7 @@ from typing import TextIO
 
 import numpy as np
 
+from engines.checks import check_model_folder
 from engines.builder import (DEFAULT_PRECISION, PRECISIONS, EngineBuildError, build_engine,
                              check_precision, find_cached_engine, tensorrt_unavailable_reason)
 from engines.manifest import Manifest, ManifestError, ModelIntegrityError, load_manifest, read_verified_model
@@ -324,3 +325,71 @@ def run(args: argparse.Namespace, *, models_dir: Path, cache_dir: Path, backend:
         print(f"engines {command}: {exc}", file=err)
         return EXIT_UNAVAILABLE
     raise ValueError(f"unknown engines command {command!r}; expected build, list or verify")
+
+
+# ---------------------------------------------------------------- any decoding (add-ons)
+def reference_tensor(manifest: Manifest) -> np.ndarray:
+    """:func:`reference_input` for any ``[input]`` (channels, letterbox, crop...): the same
+    tensor as :func:`reference_input` for the shipped single-channel models."""
+    path = manifest.folder / REFERENCE_INPUT
+    if path.is_file():
+        return reference_input(manifest)
+    from engines.preprocess import prepare_input
+    from engines.train.phantom import generate_case, unit_image
+
+    side = max(manifest.input.height, manifest.input.width, 512)     # as reference_input
+    unit = unit_image(generate_case(20240, size=side, tb=True, nodules=True))
+    return prepare_input(unit, manifest.input).tensor
+
+
+def compare_findings(manifest: Manifest, expected: dict[str, np.ndarray],
+                     actual: dict[str, np.ndarray]) -> DecisionCheck:
+    """:func:`compare_decisions` for any decoding: the same findings (label and positive
+    for each class; detections matched one to one by label and IoU >= MATCH_IOU)."""
+    from engines.decode import box_iou
+    from engines.findings import decode_findings
+
+    want, got = decode_findings(expected, manifest), decode_findings(actual, manifest)
+    if manifest.task == "classification":
+        same = [(f.label, f.positive) for f in want] == [(f.label, f.positive) for f in got]
+        worst = max((abs(a.score - b.score) for a, b in zip(want, got)), default=0.0)
+        verdict = "same" if same else "DIFFERENT"
+        return DecisionCheck(same, f"decision {verdict}: {sum(f.positive for f in got)} positive label(s) "
+                                   f"vs onnxruntime {sum(f.positive for f in want)}, largest score "
+                                   f"difference {worst:.4f}")
+    free = list(got)
+    matched = 0
+    for f in want:
+        candidates = [g for g in free if g.label == f.label]
+        if not candidates:
+            continue
+        ious = box_iou(np.array(f.box), np.array([g.box for g in candidates]))
+        best = int(np.argmax(ious))
+        if ious[best] >= MATCH_IOU:
+            matched += 1
+            free.remove(candidates[best])
+    same = matched == len(want) == len(got)
+    return DecisionCheck(same, f"decision {'same' if same else 'DIFFERENT'}: {len(got)} box(es) vs "
+                               f"onnxruntime {len(want)}, {matched} matched by label at IoU >= {MATCH_IOU}")
+
+
+# ---------------------------------------------------------------- edge models check DIR
+__all__ = ["add_arguments", "add_models_arguments", "check_model_folder", "compare_findings", "run",
+           "run_models", "reference_tensor"]
+
+
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``check`` subcommand of ``edge models`` to ``parser``."""
+    sub = parser.add_subparsers(dest="models_command", metavar="{check}")
+    sub.required = True
+    check = sub.add_parser("check", help="validate a model folder and run it on a chest phantom")
+    check.add_argument("folder", type=Path, metavar="DIR", help="model folder (manifest.toml, model.onnx)")
+    check.add_argument("--runs", type=int, default=5, help="timed inference runs (default 5)")
+
+
+def run_models(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the parsed ``models`` subcommand; returns the exit code (0 ok, 1 refused)."""
+    command = getattr(args, "models_command", None)
+    if command == "check":
+        return check_model_folder(args.folder, out, err, runs=args.runs)
+    raise ValueError(f"unknown models command {command!r}; expected check")

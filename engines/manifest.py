@@ -1,10 +1,16 @@
 """Model manifests: what a model folder's ``manifest.toml`` says, checked on load.
 
-A manifest tells the runtime how to feed a model (input name, size, normalisation) and how
-to read it (output names, thresholds, decoding). Errors name the file, the key and the
-allowed values, because the person reading them is installing a model on a device.
-The format is fixed in the project's model manifest contract (``[model]``, ``[input]``,
-``[output]`` tables).
+A manifest tells the runtime how to feed a model (input name, size, channels, resize mode,
+scaling and normalisation), how to read it (output names and decoding, thresholds) and what
+each class means (``[[findings]]``: code, display text, threshold, refer role). Errors name
+the file, the key and the allowed values, because the person reading them is installing a
+model on a device. Tables: ``[model]``, ``[input]``, ``[output]`` and ``[[findings]]``;
+worked examples for each layout are in ``engines/MANIFEST.md``.
+
+Decodings (``[output] decoding``): classification models ``none`` (outputs are already
+probabilities; the default, and what the shipped TB model is), ``sigmoid`` or ``softmax``;
+detection models ``centernet`` (the default, the shipped nodule model), ``yolo`` (Ultralytics
+v5 or v8/v11 layouts) and ``boxes_scores_labels`` (post-NMS exports such as torchvision's).
 """
 from __future__ import annotations
 
@@ -13,7 +19,13 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
+
+from engines.labels import FindingSpec, implied_findings, parse_findings
+from engines.tensor_specs import (BOX_FORMATS, CLASSIFIER_DECODINGS, DECODINGS, INTERPOLATIONS,
+                                  YOLO_LAYOUTS, BoxesOutput, ClassificationOutput, DetectionOutput,
+                                  InputSpec, ManifestError, OutputSpec, Table, YoloOutput, parse_input,
+                                  parse_output, section)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,19 +34,14 @@ else:  # pragma: no cover - Python 3.10
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["BOX_FORMATS", "CLASSIFIER_DECODINGS", "DECODINGS", "INTERPOLATIONS", "MANIFEST_FILE", "TASKS",
+           "YOLO_LAYOUTS", "BoxesOutput", "ClassificationOutput", "DetectionOutput", "InputSpec", "Manifest",
+           "ManifestError", "ModelIntegrityError", "ModelSection", "OutputSpec", "YoloOutput",
+           "load_manifest", "parse_manifest", "read_verified_model", "sha256_hex"]
+
 MANIFEST_FILE = "manifest.toml"
 TASKS = ("classification", "detection")
-DECODINGS = ("centernet",)
-
 _MODEL_KEYS = {"name", "version", "task", "file", "sha256", "clinical_use", "description"}
-_INPUT_KEYS = {"name", "height", "width", "mean", "std"}
-_CLASSIFICATION_KEYS = {"score", "heatmap", "threshold"}
-_DETECTION_KEYS = {"decoding", "heatmap", "size", "offset", "stride", "score_threshold",
-                   "nms_iou", "max_detections"}
-
-
-class ManifestError(ValueError):
-    """A manifest is missing, unreadable, or has a missing or invalid key."""
 
 
 class ModelIntegrityError(RuntimeError):
@@ -55,63 +62,16 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """The ``[input]`` table: tensor ``[1, 1, height, width]`` float32, ``(x - mean) / std``."""
-
-    name: str
-    height: int
-    width: int
-    mean: float
-    std: float
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (1, 1, self.height, self.width)
-
-
-@dataclass(frozen=True)
-class ClassificationOutput:
-    """The ``[output]`` table of a classification model."""
-
-    score: str
-    heatmap: str
-    threshold: float
-
-    @property
-    def names(self) -> list[str]:
-        return [self.score, self.heatmap]
-
-
-@dataclass(frozen=True)
-class DetectionOutput:
-    """The ``[output]`` table of a CenterNet-style detection model."""
-
-    decoding: str
-    heatmap: str
-    size: str
-    offset: str
-    stride: int
-    score_threshold: float
-    nms_iou: float
-    max_detections: int
-
-    @property
-    def names(self) -> list[str]:
-        return [self.heatmap, self.size, self.offset]
-
-
-OutputSpec = Union[ClassificationOutput, DetectionOutput]
-
-
-@dataclass(frozen=True)
 class Manifest:
-    """A checked manifest. ``folder`` is the model folder it was read from."""
+    """A checked manifest. ``folder`` is the model folder it was read from; ``findings``
+    the ``[[findings]]`` entries (or the finding an older manifest implies)."""
 
     model: ModelSection
     input: InputSpec
     output: OutputSpec
     folder: Path
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    findings: tuple[FindingSpec, ...] = ()
 
     # Flat shortcuts for the [model] keys that every caller needs.
     @property
@@ -139,6 +99,10 @@ class Manifest:
         return self.model.description
 
     @property
+    def decoding(self) -> str:
+        return self.output.decoding
+
+    @property
     def path(self) -> Path:
         """The manifest file itself."""
         return self.folder / MANIFEST_FILE
@@ -152,64 +116,34 @@ class Manifest:
         return self.output.names
 
 
-class _Table:
-    """Reads typed keys from one TOML table and names file and key in every error."""
-
-    def __init__(self, data: dict[str, Any], table: str, source: Path, known: set[str]) -> None:
-        self.data, self.table, self.source = data, table, source
-        for key in sorted(set(data) - known):
-            logger.warning("%s: unknown key [%s] %s ignored (known keys: %s)",
-                           source, table, key, ", ".join(sorted(known)))
-
-    def _fail(self, key: str, problem: str) -> ManifestError:
-        return ManifestError(f"{self.source}: key '{self.table}.{key}' {problem}")
-
-    def get(self, key: str, kind: type, default: Any = ..., *, allowed: tuple = ()) -> Any:
-        if key not in self.data:
-            if default is not ...:
-                return default
-            hint = f" (allowed values: {', '.join(map(str, allowed))})" if allowed else ""
-            raise self._fail(key, f"is missing{hint}")
-        value = self.data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise self._fail(key, f"must be a {kind.__name__}, got {value!r}")
-        if kind is str and not value.strip():
-            raise self._fail(key, "must not be empty")
-        if allowed and value not in allowed:
-            raise self._fail(key, f"is {value!r}; allowed values: {', '.join(map(str, allowed))}")
-        return value
-
-    def positive(self, key: str, kind: type) -> Any:
-        value = self.get(key, kind)
-        if value <= 0:
-            raise self._fail(key, f"must be > 0, got {value!r}")
-        return value
-
-    def fraction(self, key: str) -> float:
-        value = self.get(key, float)
-        if not 0.0 <= value <= 1.0:
-            raise self._fail(key, f"must be between 0 and 1, got {value!r}")
-        return value
-
-
-def _section(data: dict[str, Any], table: str, source: Path) -> dict[str, Any]:
-    section = data.get(table)
-    if not isinstance(section, dict):
-        raise ManifestError(f"{source}: table [{table}] is missing; a manifest needs "
-                            "[model], [input] and [output] tables")
-    return section
+def _findings(data: dict[str, Any], task: str, output: OutputSpec, source: Path) -> tuple[FindingSpec, ...]:
+    default = output.threshold if isinstance(output, ClassificationOutput) else output.score_threshold
+    if "findings" not in data:
+        legacy = (isinstance(output, ClassificationOutput) and output.decoding == "none") or \
+            isinstance(output, DetectionOutput)
+        if not legacy:
+            raise ManifestError(f"{source}: key 'findings' is missing: a {output.decoding!r} model "
+                                "needs one [[findings]] table per class (label, and its code, "
+                                "display, threshold, refer)")
+        return implied_findings(task, default)
+    findings = parse_findings(data["findings"], source, default, ManifestError)
+    if isinstance(output, DetectionOutput) and (len(findings) != 1 or findings[0].index != 0):
+        raise ManifestError(f"{source}: key 'findings' lists {len(findings)} classes, but a "
+                            "centernet model has one heatmap channel: one [[findings]] with index 0")
+    if isinstance(output, ClassificationOutput) and output.decoding == "softmax" and len(findings) < 2:
+        raise ManifestError(f"{source}: key 'findings' lists 1 class, but decoding \"softmax\" needs "
+                            "one [[findings]] per class (at least 2; mark a \"normal\" class report = false)")
+    return findings
 
 
 def parse_manifest(data: dict[str, Any], folder: Path, source: Path | None = None) -> Manifest:
     """Check a parsed manifest dict and build a :class:`Manifest` for ``folder``."""
     source = source or Path(folder) / MANIFEST_FILE
-    m = _Table(_section(data, "model", source), "model", source, _MODEL_KEYS)
+    m = Table(section(data, "model", source), "model", source, _MODEL_KEYS)
     task = m.get("task", str, allowed=TASKS)
     sha256 = m.get("sha256", str).strip().lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise m._fail("sha256", f"must be 64 hex digits (sha256 of the ONNX file), got {sha256!r}")
+        raise m.fail("sha256", f"must be 64 hex digits (sha256 of the ONNX file), got {sha256!r}")
     model = ModelSection(
         name=m.get("name", str), version=m.get("version", str), task=task,
         file=m.get("file", str, "model.onnx"), sha256=sha256,
@@ -218,25 +152,12 @@ def parse_manifest(data: dict[str, Any], folder: Path, source: Path | None = Non
     if model.name != Path(folder).name:
         logger.warning("%s: model.name %r differs from its folder name %r",
                        source, model.name, Path(folder).name)
-    i = _Table(_section(data, "input", source), "input", source, _INPUT_KEYS)
-    spec = InputSpec(name=i.get("name", str), height=i.positive("height", int),
-                     width=i.positive("width", int), mean=i.get("mean", float),
-                     std=i.positive("std", float))
-    if task == "classification":
-        o = _Table(_section(data, "output", source), "output", source, _CLASSIFICATION_KEYS)
-        output: OutputSpec = ClassificationOutput(
-            score=o.get("score", str), heatmap=o.get("heatmap", str), threshold=o.fraction("threshold"))
-    else:
-        o = _Table(_section(data, "output", source), "output", source, _DETECTION_KEYS)
-        output = DetectionOutput(
-            decoding=o.get("decoding", str, "centernet", allowed=DECODINGS),
-            heatmap=o.get("heatmap", str), size=o.get("size", str), offset=o.get("offset", str),
-            stride=o.positive("stride", int), score_threshold=o.fraction("score_threshold"),
-            nms_iou=o.fraction("nms_iou"), max_detections=o.positive("max_detections", int))
-        if spec.height % output.stride or spec.width % output.stride:
-            raise o._fail("stride", f"({output.stride}) must divide input.height and input.width "
-                                    f"({spec.height}x{spec.width})")
-    return Manifest(model=model, input=spec, output=output, folder=Path(folder), raw=data)
+    spec = parse_input(data, source)
+    output = parse_output(data, task, spec, source, "findings" in data)
+    for key in sorted(set(data) - {"model", "input", "output", "findings"}):
+        logger.warning("%s: unknown table [%s] ignored", source, key)
+    return Manifest(model=model, input=spec, output=output, folder=Path(folder), raw=data,
+                    findings=_findings(data, task, output, source))
 
 
 def load_manifest(folder: Path | str) -> Manifest:
