@@ -7,6 +7,7 @@ command.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -19,16 +20,18 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from pydicom.dataset import Dataset
 
-from edge.findings import Findings, ModelInfo, Nodule, TBResult
+from edge.findings import NODULE_CODES, TB_CODES, Findings, ModelInfo, Nodule, Other, TBResult
 from edge.imaging import ImageForModels, ImagingError, load_for_models, read_dataset
 from edge.triage import TriageRules, triage
-from engines.decode import decode_centernet
-from engines.preprocess import to_model_input
+from engines.findings import Finding, decode_findings, to_full_image
+from engines.geometry import InputGeometry
+from engines.preprocess import prepare_input
 from engines.store import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-#: Short names for timings and logs, by model task.
+#: Short names for timings and logs, by model task (the first model of each task; further
+#: models are timed under their own names).
 SHORT_NAMES = {"classification": "tb", "detection": "nodule"}
 #: The TB region is the connected area around the hottest heatmap cell at or above this
 #: fraction of the peak value.
@@ -45,6 +48,7 @@ class Prepared:
     dataset: Dataset
     image: ImageForModels | None = None               # kept for the secondary capture
     tensors: dict[str, np.ndarray] = field(default_factory=dict)   # by model name
+    geometries: dict[str, InputGeometry] = field(default_factory=dict)   # by model name
     findings_if_skipped: Findings | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -52,8 +56,12 @@ class Prepared:
 class Analyzer:
     """Runs the loaded models on instances; thread-safe (one lock per model).
 
-    ``models`` holds at most one classification (TB) and one detection (nodule) model.
-    ``tb_threshold`` overrides the TB model's manifest threshold. ``decode_min_side``
+    ``models``: any number of models; each is fed and decoded by its manifest
+    (``engines.preprocess.prepare_input``, ``engines.findings.decode_findings``) and its
+    findings mapped to full-resolution pixels. The first classification finding coded as
+    tuberculosis is the TB screen (``Findings.tb``), detections coded as nodules are
+    ``Findings.nodules``, and everything else is ``Findings.others``.
+    ``tb_threshold`` overrides the TB screen's manifest threshold. ``decode_min_side``
     overrides how far images are decoded (default: the largest model input side).
     ``decoder`` decodes the pixels of a stored file, ``decoder(path, min_side=...)``: the
     service passes an ``edge.decoder.IsolatedDecoder`` so that a crashing codec cannot take
@@ -70,18 +78,22 @@ class Analyzer:
         if not isinstance(triage_rules, TriageRules):
             raise TypeError(f"triage_rules: expected TriageRules, got {type(triage_rules).__name__}")
         self.models = dict(models)
-        self.classifier: LoadedModel | None = None
-        self.detector: LoadedModel | None = None
+        self.short_names: dict[str, str] = {}
         for name, model in self.models.items():
             task = model.manifest.task
-            slot = "classifier" if task == "classification" else "detector"
             if task not in SHORT_NAMES:
                 raise ValueError(f"models[{name!r}]: unsupported task {task!r}")
-            if getattr(self, slot) is not None:
-                raise ValueError(f"models: two {task} models ({getattr(self, slot).name}, {name}); "
-                                 "the appliance runs one of each")
-            setattr(self, slot, model)
+            short = SHORT_NAMES[task]
+            self.short_names[name] = short if short not in self.short_names.values() else name
+        self.classifier = next((m for m in self.models.values()
+                                if m.manifest.task == "classification"), None)
+        self.detector = next((m for m in self.models.values()
+                              if m.manifest.task == "detection"), None)
         self.tb_threshold = None if tb_threshold is None else float(tb_threshold)
+        # Each model's manifest as decoded here: the TB threshold override (config) replaces
+        # the manifest's, so that the decision and its heatmap region follow it.
+        self._manifests = {name: _with_tb_threshold(model.manifest, self.tb_threshold)
+                           for name, model in self.models.items()}
         self.triage_rules = triage_rules
         self.decode_min_side = int(decode_min_side) if decode_min_side else model_input_side(self.models)
         self._locks = {name: threading.Lock() for name in self.models}
@@ -119,13 +131,14 @@ class Analyzer:
         else:
             image = load_for_models(ds, min_side=self.decode_min_side)
         t_pre = time.perf_counter()
-        by_geometry: dict[tuple[int, int, float, float], np.ndarray] = {}
+        full_hw = (image.full_rows, image.full_cols)
+        by_input: dict[Any, Any] = {}
         for name, model in self.models.items():
             spec = model.manifest.input
-            key = (spec.height, spec.width, spec.mean, spec.std)
-            if key not in by_geometry:
-                by_geometry[key] = to_model_input(image.unit_image, spec.height, spec.width, spec.mean, spec.std)
-            prepared.tensors[name] = by_geometry[key]
+            if spec not in by_input:   # models fed alike share one tensor
+                by_input[spec] = prepare_input(image.unit_image, spec, full_hw)
+            prepared.tensors[name] = by_input[spec].tensor
+            prepared.geometries[name] = by_input[spec].geometry
         done = time.perf_counter()
         prepared.image = image
         prepared.timings_ms = {"read": read_ms, "decode": image.decode_ms,
@@ -141,58 +154,78 @@ class Analyzer:
         start = time.perf_counter()
         image = prepared.image
         timings = {k: v for k, v in prepared.timings_ms.items() if k != "prepare"}
-        outputs: dict[str, dict[str, np.ndarray]] = {}
+        decoded: list[Finding] = []
         for name, model in self.models.items():
             t = time.perf_counter()
             with self._locks[name]:
-                outputs[name] = model.run(prepared.tensors[name])
-            timings[SHORT_NAMES[model.manifest.task]] = (time.perf_counter() - t) * 1000.0
-        tb = self._tb_result(outputs, image) if self.classifier else None
-        nodules = self._nodules(outputs, image) if self.detector else []
+                outputs = model.run(prepared.tensors[name])
+            timings[self.short_names[name]] = (time.perf_counter() - t) * 1000.0
+            decoded.extend(to_full_image(decode_findings(outputs, self._manifests[name]),
+                                         prepared.geometries[name]))
+        tb, nodules, others = self._sort(decoded, image)
         timings["total"] = prepared.timings_ms.get("prepare", 0.0) + (time.perf_counter() - start) * 1000.0
         return Findings(
             sop_instance_uid=prepared.sop_instance_uid, eligible=True, tb=tb, nodules=nodules,
-            timings_ms={k: round(v, 2) for k, v in timings.items()}, models=self.model_infos,
-            rows=image.full_rows, columns=image.full_cols,
+            others=others, timings_ms={k: round(v, 2) for k, v in timings.items()},
+            models=self.model_infos, rows=image.full_rows, columns=image.full_cols,
             pixel_spacing_mm=list(image.pixel_spacing_mm) if image.pixel_spacing_mm else None)
 
     def analyze(self, path_or_ds: str | Path | Dataset) -> Findings:
         """prepare + infer."""
         return self.infer(self.prepare(path_or_ds))
 
-    def _tb_result(self, outputs: dict[str, dict[str, np.ndarray]], image: ImageForModels) -> TBResult:
-        model = self.classifier
-        assert model is not None
-        spec = model.manifest.output
-        out = outputs[model.name]
-        score = float(np.asarray(out[spec.score]).reshape(-1)[0])
-        threshold = self.tb_threshold if self.tb_threshold is not None else float(spec.threshold)
-        positive = score >= threshold
-        region = None
-        if positive and spec.heatmap in out:
-            region = hot_region(out[spec.heatmap], image.full_rows, image.full_cols)
-        return TBResult(score=score, threshold=threshold, positive=positive, region=region)
-
-    def _nodules(self, outputs: dict[str, dict[str, np.ndarray]], image: ImageForModels) -> list[Nodule]:
-        model = self.detector
-        assert model is not None
-        spec = model.manifest.input
-        # model-input pixels -> full resolution: the resize is a stretch of the whole image
-        fx, fy = image.full_cols / spec.width, image.full_rows / spec.height
-        spacing = image.pixel_spacing_mm
-        nodules = []
-        for x1, y1, x2, y2, score in decode_centernet(outputs[model.name], model.manifest):
-            box = [min(max(x1 * fx, 0.0), image.full_cols), min(max(y1 * fy, 0.0), image.full_rows),
-                   min(max(x2 * fx, 0.0), image.full_cols), min(max(y2 * fy, 0.0), image.full_rows)]
-            width, height = box[2] - box[0], box[3] - box[1]
-            if width <= 0 or height <= 0:
+    def _sort(self, decoded: list[Finding], image: ImageForModels,
+              ) -> tuple[TBResult | None, list[Nodule], list[Other]]:
+        """The TB screen, the nodules and the other findings, in full-resolution pixels."""
+        tb: TBResult | None = None
+        nodules: list[Nodule] = []
+        others: list[Other] = []
+        for f in decoded:
+            key = (f.code.scheme, f.code.value) if f.code is not None else None
+            if tb is None and f.kind == "classification" and key in TB_CODES:
+                region = None if f.box is None else [round(float(v), 2) for v in f.box]
+                tb = TBResult(score=f.score, threshold=f.threshold, positive=f.positive,
+                              region=region if f.positive else None)
                 continue
-            diameter_mm = None
-            if spacing:
-                diameter_mm = round((width * spacing[1] + height * spacing[0]) / 2.0, 2)
-            nodules.append(Nodule(box=[round(v, 2) for v in box], score=score, diameter_mm=diameter_mm,
-                                  diameter_px=round((width + height) / 2.0, 2)))
-        return nodules
+            box, mm, px = _sized(f.box, image)
+            if f.kind == "detection" and key in NODULE_CODES:
+                if box is not None:
+                    nodules.append(Nodule(box=box, score=f.score, diameter_mm=mm, diameter_px=px))
+                continue
+            if f.kind == "detection" and box is None:
+                continue
+            code = None if f.code is None else {"value": f.code.value, "scheme": f.code.scheme,
+                                                "meaning": f.code.meaning}
+            others.append(Other(label=f.label, display=f.display, kind=f.kind, score=f.score,
+                                threshold=f.threshold, positive=f.positive, refer=f.refer,
+                                code=code, model=f.model, box=box, diameter_mm=mm,
+                                diameter_px=px))
+        return tb, nodules, others
+
+
+def _with_tb_threshold(manifest: Any, threshold: float | None) -> Any:
+    """``manifest`` with ``threshold`` for its TB classification findings (unchanged when
+    ``threshold`` is None or the model has none)."""
+    if threshold is None or manifest.task != "classification":
+        return manifest
+    specs = tuple(dataclasses.replace(f, threshold=threshold)
+                  if f.code is not None and (f.code.scheme, f.code.value) in TB_CODES else f
+                  for f in manifest.findings)
+    return manifest if specs == manifest.findings else dataclasses.replace(manifest, findings=specs)
+
+
+def _sized(box: Any, image: ImageForModels) -> tuple[list[float] | None, float | None, float]:
+    """A full-resolution box rounded to 0.01 px, with its mean side in mm (when the pixel
+    spacing is known) and in px; (None, None, 0.0) for no box or an empty one."""
+    if box is None:
+        return None, None, 0.0
+    x1, y1, x2, y2 = box
+    width, height = x2 - x1, y2 - y1
+    if width <= 0 or height <= 0:
+        return None, None, 0.0
+    spacing = image.pixel_spacing_mm
+    mm = round((width * spacing[1] + height * spacing[0]) / 2.0, 2) if spacing else None
+    return [round(float(v), 2) for v in box], mm, round((width + height) / 2.0, 2)
 
 
 def model_input_side(models: Mapping[str, LoadedModel]) -> int:

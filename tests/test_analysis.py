@@ -19,7 +19,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, RLELossless
 
-from edge.analysis import Analyzer, analyze_main, format_findings, hot_region
+from edge.analysis import Analyzer, analyze_main, format_findings
+from engines.findings import hot_region
 from edge.imaging import MIN_SIDE_FRACTION
 from edge.triage import TriageRules
 from engines import DEFAULT_MODELS_DIR
@@ -268,15 +269,19 @@ def test_tb_threshold_override_and_region(models, files) -> None:
     assert not high.tb.positive and high.tb.region is None
     with pytest.raises(ValueError, match="tb_threshold"):
         Analyzer(models, tb_threshold=1.5)
-    with pytest.raises(ValueError, match="two classification models"):
-        Analyzer({"a": models["tb_classifier"], "b": models["tb_classifier"]})
+    # A second TB classifier is reported as another finding, never replaces the first.
+    two = Analyzer({"a": models["tb_classifier"], "b": models["tb_classifier"]})
+    both = two.analyze(files["explicit"])
+    (other,) = both.others
+    assert both.tb.score == other.score and other.kind == "classification"
+    assert set(both.timings_ms) >= {"tb", "b"}
 
 
 def test_hot_region_is_the_connected_area_around_the_peak() -> None:
     heat = np.zeros((1, 1, 8, 8), dtype=np.float32)
     heat[0, 0, 2:4, 5:7] = [[0.9, 0.6], [0.5, 0.2]]
     heat[0, 0, 6, 0] = 0.8                      # hot but not connected to the peak
-    assert hot_region(heat, 800, 1600) == [1000.0, 200.0, 1400.0, 400.0]
+    assert hot_region(heat, 800, 1600) == (1000.0, 200.0, 1400.0, 400.0)
     assert hot_region(np.zeros((1, 1, 4, 4)), 100, 100) is None
 
 

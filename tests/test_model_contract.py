@@ -544,8 +544,16 @@ def test_shipped_models_give_the_same_findings_as_the_analysis_always_did():
                 prepared = prepare_input(unit, spec_)
                 findings += to_full_image(decode_findings(model.run(prepared.tensor), model.manifest),
                                           prepared.geometry)
-            tb = analyzer._tb_result(outputs, image)
-            nodules = analyzer._nodules(outputs, image)
+            # The analysis of that image as a DICOM file, against the earlier computation
+            # on the very image the analysis decoded.
+            prepared_ds = analyzer.prepare(_dataset(unit))
+            decoded = prepared_ds.image.unit_image
+            before = {name: model.run(to_model_input(decoded, m.height, m.width, m.mean, m.std))
+                      for name, model in models.items() for m in [model.manifest.input]}
+            tb, nodules = _as_before(models, before, image)
+            new = analyzer.infer(prepared_ds)
+            assert new.tb == tb and new.nodules == nodules and not new.others
+            tb, nodules = _as_before(models, outputs, image)   # on ``unit`` itself
             (tb_finding,) = [f for f in findings if f.kind == "classification"]
             assert (tb_finding.score, tb_finding.threshold, tb_finding.positive, tb_finding.refer) == \
                 (tb.score, tb.threshold, tb.positive, tb.positive)
@@ -561,6 +569,54 @@ def test_shipped_models_give_the_same_findings_as_the_analysis_always_did():
     finally:
         for model in models.values():
             model.close()
+
+
+def _as_before(models, outputs, image):
+    """The TB result and nodules exactly as the appliance computed them before manifests
+    declared their findings (stretch resize, CenterNet, heatmap region)."""
+    from edge.findings import Nodule, TBResult
+    from engines.decode import decode_centernet
+    from engines.findings import hot_region
+
+    tb_model, det = models["tb_classifier"], models["nodule_detector"]
+    out = outputs["tb_classifier"]
+    spec_ = tb_model.manifest.output
+    score = float(np.asarray(out[spec_.score]).reshape(-1)[0])
+    positive = score >= spec_.threshold
+    region = None
+    if positive:
+        x1, y1, x2, y2 = hot_region(out[spec_.heatmap], image.full_rows, image.full_cols)
+        region = [round(v, 2) for v in (x1, y1, x2, y2)]
+    tb = TBResult(score=score, threshold=float(spec_.threshold), positive=positive, region=region)
+    fx = image.full_cols / det.manifest.input.width
+    fy = image.full_rows / det.manifest.input.height
+    nodules = []
+    for x1, y1, x2, y2, score in decode_centernet(outputs["nodule_detector"], det.manifest):
+        box = [min(max(x1 * fx, 0.0), image.full_cols), min(max(y1 * fy, 0.0), image.full_rows),
+               min(max(x2 * fx, 0.0), image.full_cols), min(max(y2 * fy, 0.0), image.full_rows)]
+        w, h = box[2] - box[0], box[3] - box[1]
+        if w > 0 and h > 0:
+            nodules.append(Nodule(box=[round(v, 2) for v in box], score=score,
+                                  diameter_px=round((w + h) / 2.0, 2)))
+    return tb, nodules
+
+
+def _dataset(unit: np.ndarray):
+    """A MONOCHROME2 16-bit image whose display image is ``unit`` (full window)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", "PA", "CHEST"
+    ds.Rows, ds.Columns = unit.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.round(unit * 65535).astype(np.uint16).tobytes()
+    return ds
 
 
 def test_centernet_findings_are_decode_centernet():
