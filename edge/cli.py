@@ -1,4 +1,4 @@
-"""The ``edge`` command: serve, demo, analyze, jobs, echo, engines.
+"""The ``edge`` command: serve, demo, analyze, jobs, echo, engines, models.
 
 ``main(args=None)`` with an argparse builder, so tests call it with an argv list.
 """
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     _add_config(p)
     p.add_argument("destination", help="destination name from the config")
+
+    p = sub.add_parser("models", help="model folders: check one before installing it")
+    _add_config(p)
+    from engines import commands as engine_commands
+    engine_commands.add_models_arguments(p)
 
     p = sub.add_parser("engines", help="inference engines: build, list, verify")
     _add_config(p)
@@ -235,6 +240,11 @@ def cmd_engines(ns, config: Config) -> int:
                                calibration_dir=config.models.calibration_dir)
 
 
+def cmd_models(ns, config: Config | None) -> int:
+    from engines import commands as engine_commands
+    return engine_commands.run_models(ns)
+
+
 _COMMANDS = {
     "serve": cmd_serve,
     "demo": cmd_demo,
@@ -243,6 +253,7 @@ _COMMANDS = {
     "journal": cmd_journal,
     "echo": cmd_echo,
     "engines": cmd_engines,
+    "models": cmd_models,
 }
 
 

@@ -114,6 +114,7 @@ class ModelsConfig:
     workers: int = 1
     precision: str = "fp16"               # TensorRT engines: fp16, fp32 (no TF32) or int8
     calibration_dir: str | None = None    # INT8: folder of .npy model-input tensors
+    skip_broken: bool = False             # True: run on the models that load, refuse the others
 
 
 @dataclass(frozen=True)
@@ -452,6 +453,10 @@ def _models(d: dict) -> ModelsConfig:
         kw["workers"] = _int_range("models.workers", d["workers"], 1, 8)
     if "precision" in d:
         kw["precision"] = _choice("models.precision", d["precision"], PRECISIONS)
+    if "skip_broken" in d:
+        if not isinstance(d["skip_broken"], bool):
+            raise ConfigError(f"models.skip_broken: expected true or false, got {d['skip_broken']!r}")
+        kw["skip_broken"] = d["skip_broken"]
     if "calibration_dir" in d:
         kw["calibration_dir"] = _opt_path("models.calibration_dir", d["calibration_dir"])
         if kw["calibration_dir"] and not Path(kw["calibration_dir"]).expanduser().is_dir():

@@ -39,6 +39,7 @@ class Appliance:
         self.scp: StoreSCP | None = None
         self.metrics = Metrics(known_calling_aes=config.node.allowed_calling_aets)
         self.models: dict = {}
+        self.refused_models: list[str] = []   # model folders refused at start (models.skip_broken)
         self.pipeline = None
         self.outbox = None
         self.commitment: CommitmentService | None = None
@@ -171,6 +172,7 @@ class Appliance:
     # ------------------------------------------------------------------ parts
     def _start_analysis(self) -> None:
         from engines.manifest import ManifestError
+        from engines.runners.base import RunnerError
         from engines.store import ModelIntegrityError, load_models
 
         from .analysis import Analyzer, model_input_side
@@ -181,9 +183,14 @@ class Appliance:
             self.models = load_models(cfg.models_dir, cfg.models.backend, cache_dir=cfg.engine_cache_dir,
                                       precision=cfg.models.precision,
                                       calibration_dir=cfg.models.calibration_dir,
-                                      build_in_background=True, on_switch=self._model_switched)
-        except (ManifestError, ModelIntegrityError, OSError) as exc:
-            raise ConfigError(f"models could not be loaded from {cfg.models_dir}: {exc}") from exc
+                                      build_in_background=True, on_switch=self._model_switched,
+                                      refused=self.refused_models if cfg.models.skip_broken else None)
+        except (ManifestError, ModelIntegrityError, RunnerError, OSError) as exc:
+            hint = "" if cfg.models.skip_broken else (
+                " (check it with `edge models check DIR`; [models] skip_broken = true runs on "
+                "the models that load)")
+            raise ConfigError(f"models could not be loaded from {cfg.models_dir}: "
+                              + " ".join(str(exc).split()) + hint) from exc
         decoder = self._decoder("analysis").start()
         analyzer = Analyzer(self.models, tb_threshold=cfg.models.tb_threshold, triage_rules=cfg.triage,
                             decoder=decoder, decode_min_side=decode_side(cfg, model_input_side(self.models)))
@@ -268,6 +275,7 @@ class Appliance:
         recovered = self.recovery.summary()
         if recovered:
             out.append(f"Journal recovery: {recovered}")
+        out += self.refused_models
         for m in self.models.values():
             if m.building:
                 out.append(f"{m.name}: the TensorRT {m.precision} engine is being built; "

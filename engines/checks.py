@@ -59,7 +59,7 @@ Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 TENSORRT_RESIZE_MODES = frozenset({"nearest", "linear"})
 
 
-class ModelRefused(Exception):
+class ModelRefused(ManifestError):
     """The folder cannot be installed; the message is the one line the user sees."""
 
 
@@ -144,7 +144,12 @@ class CheckReport:
     warnings: list[str]
 
 
-def _check_io(manifest: Manifest, runner: Any) -> None:
+def check_io(manifest: Manifest, runner: Any) -> None:
+    """The network's tensors must be what the manifest declares: its one input (name,
+    rank, fixed sizes), every named output, and output shapes that fit the declared
+    decoding and class list (where the network fixes them). Raises :class:`ModelRefused`
+    (a :class:`ManifestError`) naming the key. Used at load (``engines.store``) and by
+    ``edge models check``."""
     spec = manifest.input
     if runner.input_names != [spec.name]:
         raise ModelRefused(f"{manifest.path}: key 'input.name' is {spec.name!r} but the network's "
@@ -162,7 +167,8 @@ def _check_io(manifest: Manifest, runner: Any) -> None:
     if missing:
         raise ModelRefused(f"{manifest.path}: [output] names {missing} are not outputs of "
                            f"{manifest.onnx_path.name}, which has {runner.output_names}")
-    problems = check_output_shapes(manifest, runner.output_shapes)
+    shapes = getattr(runner, "output_shapes", None)
+    problems = check_output_shapes(manifest, shapes) if shapes is not None else []
     if problems:
         raise ModelRefused(f"{manifest.path}: {problems[0]}")
 
@@ -187,7 +193,7 @@ def inspect_model_folder(folder: Path | str, *, runs: int = 5,
     except RunnerError as exc:
         raise ModelRefused(str(exc)) from exc
     with runner:
-        _check_io(manifest, runner)
+        check_io(manifest, runner)
         unit = phantom_image() if image is None else np.asarray(image, dtype=np.float32)
         t0 = time.perf_counter()
         prepared = prepare_input(unit, manifest.input)

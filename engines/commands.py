@@ -4,8 +4,9 @@
   runner the appliance would use (nothing is built).
 - ``build``: build (or reuse) the TensorRT engine of each model into the engine cache.
 - ``verify``: run the cached TensorRT engine and ONNX Runtime (CPU, the reference) on the
-  same reference input and compare what matters: the decisions (the classifier's score
-  against its threshold: the "refer" flag; the detector's boxes, matched by IoU >= 0.5) and
+  same reference input and compare what matters: the decisions, decoded by the manifest
+  (each classifier label against its threshold: the "refer" flag; the detector's boxes,
+  matched by label and IoU >= 0.5) and
   the numbers (max abs difference of every output; outputs larger than 1, box sizes in
   pixels, are judged relative to their largest value, so an FP16 engine is not failed for
   rounding a 40-pixel width by 0.02). It never builds: a missing engine is reported.
@@ -97,36 +98,6 @@ class DecisionCheck:
     """Whether the engine decides what ONNX Runtime decides on the reference input."""
     agree: bool
     text: str
-
-
-def compare_decisions(manifest: Manifest, expected: dict[str, np.ndarray],
-                      actual: dict[str, np.ndarray]) -> DecisionCheck:
-    """Classifier: score vs threshold (the refer flag). Detector: decoded boxes matched
-    one to one by IoU >= MATCH_IOU."""
-    if manifest.task == "classification":
-        spec = manifest.output
-        want = float(np.asarray(expected[spec.score]).reshape(-1)[0])
-        got = float(np.asarray(actual[spec.score]).reshape(-1)[0])
-        same = (want >= spec.threshold) == (got >= spec.threshold)
-        flag = "positive" if got >= spec.threshold else "negative"
-        return DecisionCheck(same, f"decision {'same' if same else 'DIFFERENT'}: score {got:.4f} vs "
-                                   f"onnxruntime {want:.4f} at threshold {spec.threshold:g} ({flag})")
-    from engines.decode import box_iou, decode_centernet
-
-    want_boxes = np.array([b[:4] for b in decode_centernet(expected, manifest)], dtype=np.float64)
-    got_boxes = np.array([b[:4] for b in decode_centernet(actual, manifest)], dtype=np.float64)
-    matched, free = 0, list(range(len(got_boxes)))
-    for box in want_boxes:
-        if not free:
-            break
-        ious = box_iou(box, got_boxes[free])
-        best = int(np.argmax(ious))
-        if ious[best] >= MATCH_IOU:
-            matched += 1
-            free.pop(best)
-    same = matched == len(want_boxes) == len(got_boxes)
-    return DecisionCheck(same, f"decision {'same' if same else 'DIFFERENT'}: {len(got_boxes)} box(es) vs "
-                               f"onnxruntime {len(want_boxes)}, {matched} matched at IoU >= {MATCH_IOU}")
 
 
 @dataclass(frozen=True)
@@ -279,13 +250,13 @@ def _verify(args: argparse.Namespace, models_dir: Path, cache_dir: Path, out: Te
                       f"run `{build}`", file=err)
                 status = max(status, EXIT_NOT_BUILT) if status != EXIT_FAILED else status
                 continue
-            tensor = reference_input(manifest)
+            tensor = reference_tensor(manifest)
             inputs = {manifest.input.name: tensor}
             with OnnxRuntimeRunner(read_verified_model(manifest), device="cpu", label=manifest.name) as ref, \
                     TensorRTRunner(engine, label=engine.name) as trt_runner:
                 expected, actual = ref.run(inputs), trt_runner.run(inputs)
             diffs = compare_outputs(expected, actual, manifest.output_names, tolerance)
-            decision = compare_decisions(manifest, expected, actual)
+            decision = compare_findings(manifest, expected, actual)
         except (ManifestError, ModelIntegrityError, EngineBuildError, RunnerError, OSError) as exc:
             print(f"{folder.name}: FAILED: {exc}", file=err)
             status = EXIT_FAILED
@@ -344,8 +315,9 @@ def reference_tensor(manifest: Manifest) -> np.ndarray:
 
 def compare_findings(manifest: Manifest, expected: dict[str, np.ndarray],
                      actual: dict[str, np.ndarray]) -> DecisionCheck:
-    """:func:`compare_decisions` for any decoding: the same findings (label and positive
-    for each class; detections matched one to one by label and IoU >= MATCH_IOU)."""
+    """Whether the engine decides what ONNX Runtime decides, for any decoding: the same
+    findings (label and positive for each class: the refer flag; detections matched one
+    to one by label and IoU >= MATCH_IOU)."""
     from engines.decode import box_iou
     from engines.findings import decode_findings
 
@@ -354,6 +326,10 @@ def compare_findings(manifest: Manifest, expected: dict[str, np.ndarray],
         same = [(f.label, f.positive) for f in want] == [(f.label, f.positive) for f in got]
         worst = max((abs(a.score - b.score) for a, b in zip(want, got)), default=0.0)
         verdict = "same" if same else "DIFFERENT"
+        if len(want) == 1 and len(got) == 1:   # one score: the refer flag
+            flag = "positive" if got[0].positive else "negative"
+            return DecisionCheck(same, f"decision {verdict}: score {got[0].score:.4f} vs onnxruntime "
+                                       f"{want[0].score:.4f} at threshold {got[0].threshold:g} ({flag})")
         return DecisionCheck(same, f"decision {verdict}: {sum(f.positive for f in got)} positive label(s) "
                                    f"vs onnxruntime {sum(f.positive for f in want)}, largest score "
                                    f"difference {worst:.4f}")

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from engines.checks import check_io
 from engines.builder import (DEFAULT_PRECISION, build_engine, default_cache_dir,
                              find_cached_engine, on_jetson, tensorrt_unavailable_reason)
 from engines.manifest import (MANIFEST_FILE, Manifest, ManifestError, ModelIntegrityError,
@@ -101,24 +102,6 @@ class LoadedModel:
             self.runner.close()
 
 
-def _check_io(manifest: Manifest, runner: Runner) -> None:
-    """The manifest's tensor names and input size must match the network's."""
-    if manifest.input.name not in runner.input_names or len(runner.input_names) != 1:
-        raise ManifestError(f"{manifest.path}: key 'input.name' is {manifest.input.name!r} but "
-                            f"{manifest.onnx_path.name} has inputs {runner.input_names}")
-    missing = [n for n in manifest.output_names if n not in runner.output_names]
-    if missing:
-        raise ManifestError(f"{manifest.path}: [output] names {missing} are not outputs of "
-                            f"{manifest.onnx_path.name}, which has {runner.output_names}")
-    shape = list(getattr(runner, "input_shapes", {}).get(manifest.input.name, []))
-    if len(shape) == 4:
-        for axis, key, want in ((2, "input.height", manifest.input.height),
-                                (3, "input.width", manifest.input.width)):
-            if isinstance(shape[axis], int) and shape[axis] > 0 and shape[axis] != want:
-                raise ManifestError(f"{manifest.path}: key '{key}' is {want} but "
-                                    f"{manifest.onnx_path.name} takes {shape}")
-
-
 def _tensorrt_runner(manifest: Manifest, cache_dir: Path, precision: str,
                      calibration_dir: Path | str | None = None) -> tuple[TensorRTRunner, Path, bool]:
     """Build (or reuse) the engine and load it; an engine this TensorRT cannot load is
@@ -181,7 +164,7 @@ def load_model(folder: Path | str, backend: str = "auto", *, cache_dir: Path | s
         runner = OnnxRuntimeRunner(onnx_bytes, device=onnx_device, intra_op_threads=intra_op_threads,
                                    label=f"{manifest.name} ({manifest.onnx_path})")
     try:
-        _check_io(manifest, runner)
+        check_io(manifest, runner)
     except ManifestError:
         runner.close()
         raise
@@ -218,7 +201,7 @@ def _build_and_switch(model: LoadedModel, cache: Path, precision: str,
     try:
         runner, engine, _ = _tensorrt_runner(manifest, cache, precision, calibration_dir)
         try:
-            _check_io(manifest, runner)
+            check_io(manifest, runner)
         except ManifestError:
             runner.close()
             raise
@@ -249,11 +232,15 @@ def load_models(models_dir: Path, backend: str = "auto", *, cache_dir: Path | st
                 precision: str = DEFAULT_PRECISION, calibration_dir: Path | str | None = None,
                 onnx_device: str = "auto", intra_op_threads: int | None = None,
                 build_in_background: bool = False,
-                on_switch: Callable[[LoadedModel], None] | None = None) -> dict[str, LoadedModel]:
+                on_switch: Callable[[LoadedModel], None] | None = None,
+                refused: list[str] | None = None) -> dict[str, LoadedModel]:
     """Load every model folder under ``models_dir``, keyed by model name.
 
-    Any bad model stops the load (the appliance must not start half-equipped); the keyword
-    options are those of :func:`load_model`.
+    By default any bad model stops the load (the appliance must not start half-equipped).
+    With a ``refused`` list, a folder that cannot be loaded (manifest, integrity, tensors
+    that do not match the manifest) is skipped instead, one line per folder appended to
+    ``refused`` and logged; at least one model must load. The keyword options are those
+    of :func:`load_model`.
     """
     folders = model_folders(models_dir)
     if not folders:
@@ -261,15 +248,25 @@ def load_models(models_dir: Path, backend: str = "auto", *, cache_dir: Path | st
     models: dict[str, LoadedModel] = {}
     try:
         for folder in folders:
-            model = load_model(folder, backend, cache_dir=cache_dir, precision=precision,
-                               calibration_dir=calibration_dir, onnx_device=onnx_device,
-                               intra_op_threads=intra_op_threads,
-                               build_in_background=build_in_background, on_switch=on_switch)
-            if model.name in models:
-                model.close()
-                raise ManifestError(f"{folder / MANIFEST_FILE}: key 'model.name' {model.name!r} "
-                                    "is used by another model folder too")
+            try:
+                model = load_model(folder, backend, cache_dir=cache_dir, precision=precision,
+                                   calibration_dir=calibration_dir, onnx_device=onnx_device,
+                                   intra_op_threads=intra_op_threads,
+                                   build_in_background=build_in_background, on_switch=on_switch)
+                if model.name in models:
+                    model.close()
+                    raise ManifestError(f"{folder / MANIFEST_FILE}: key 'model.name' {model.name!r} "
+                                        "is used by another model folder too")
+            except (ManifestError, ModelIntegrityError, RunnerError) as exc:
+                if refused is None:
+                    raise
+                line = f"model folder {folder.name} refused: " + " ".join(str(exc).split())
+                logger.error("%s", line)
+                refused.append(line)
+                continue
             models[model.name] = model
+        if not models:
+            raise ManifestError(f"{models_dir}: no model could be loaded ({'; '.join(refused or [])})")
     except Exception:
         for loaded in models.values():
             loaded.close()

@@ -48,6 +48,7 @@ def test_full_example_from_the_readme_loads(tmp_path):
     ({"web": {"language": "fr"}}, "web.language", "auto, en, vi"),
     ({"models": {"backend": "cuda"}}, "models.backend", "auto, onnxruntime, tensorrt"),
     ({"models": {"tb_threshold": 1.5}}, "models.tb_threshold", "<= 1.0"),
+    ({"models": {"skip_broken": "yes"}}, "models.skip_broken", "true or false"),
     ({"delivery": {"max_age_hours": 0}}, "delivery.max_age_hours", "> 0"),
     ({"logging": {"level": "LOUD"}}, "logging.level", "DEBUG, INFO"),
     ({"nodes": {}}, "nodes", "unknown section"),

@@ -269,9 +269,9 @@ def test_verify_never_builds_and_compares_decisions(fake_trt, fake_cuda, tmp_pat
 
 def test_decisions_that_differ_fail_verify(classifier):
     spec = classifier.output
-    same = commands.compare_decisions(classifier, {spec.score: np.array([0.61])}, {spec.score: np.array([0.58])})
+    same = commands.compare_findings(classifier, {spec.score: np.array([0.61])}, {spec.score: np.array([0.58])})
     assert same.agree
-    flipped = commands.compare_decisions(classifier, {spec.score: np.array([0.51])}, {spec.score: np.array([0.49])})
+    flipped = commands.compare_findings(classifier, {spec.score: np.array([0.51])}, {spec.score: np.array([0.49])})
     assert not flipped.agree and "DIFFERENT" in flipped.text
 
 
@@ -282,8 +282,8 @@ def test_verify_fails_on_a_detector_whose_boxes_moved(tmp_path):
     spec = manifest.output
     want = {spec.heatmap: heat, spec.size: size, spec.offset: offset}
     moved = {spec.heatmap: np.roll(heat, 3, axis=-1), spec.size: size, spec.offset: offset}
-    assert commands.compare_decisions(manifest, want, want).agree
-    check = commands.compare_decisions(manifest, want, moved)
+    assert commands.compare_findings(manifest, want, want).agree
+    check = commands.compare_findings(manifest, want, moved)
     assert not check.agree and "DIFFERENT" in check.text
 
 

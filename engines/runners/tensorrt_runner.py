@@ -107,6 +107,7 @@ class TensorRTRunner(Runner):
             raise RunnerError(f"tensorrt: {self.label} has a tensor type numpy cannot hold ({exc}); "
                               "export the model with float32 inputs and outputs") from exc
         self.input_shapes = {n: tuple(self._engine.get_tensor_shape(n)) for n in self._inputs}
+        self.output_shapes = {n: list(self._engine.get_tensor_shape(n)) for n in self._outputs}
         dynamic = [n for n in self._outputs if -1 in tuple(self._engine.get_tensor_shape(n))]
         if dynamic and not any(-1 in shape for shape in self.input_shapes.values()):
             raise RunnerError(f"tensorrt: {self.label}: outputs {dynamic} have data-dependent shapes, "
