@@ -185,12 +185,13 @@ class Analyzer:
             if tb is None and f.kind == "classification" and key in TB_CODES:
                 region = None if f.box is None else [round(float(v), 2) for v in f.box]
                 tb = TBResult(score=f.score, threshold=f.threshold, positive=f.positive,
-                              region=region if f.positive else None)
+                              region=region if f.positive else None, model=f.model)
                 continue
             box, mm, px = _sized(f.box, image)
             if f.kind == "detection" and key in NODULE_CODES:
                 if box is not None:
-                    nodules.append(Nodule(box=box, score=f.score, diameter_mm=mm, diameter_px=px))
+                    nodules.append(Nodule(box=box, score=f.score, diameter_mm=mm, diameter_px=px,
+                                          model=f.model))
                 continue
             if f.kind == "detection" and box is None:
                 continue
@@ -280,6 +281,19 @@ def format_findings(findings: Findings) -> str:
         size = f"{n.diameter_mm:.1f} mm" if n.diameter_mm is not None else f"{n.diameter_px:.0f} px"
         x1, y1, x2, y2 = n.box
         lines.append(f"  {i}. score {n.score:.3f}, box ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f}), diameter {size}")
+    if findings.others:
+        lines.append(f"other findings: {sum(o.positive for o in findings.others)} positive of {len(findings.others)}")
+    for i, o in enumerate(findings.others, 1):
+        verdict = ("POSITIVE, refer" if o.refer else "POSITIVE") if o.positive else "negative"
+        line = f"  {i}. {o.display} ({o.kind}): score {o.score:.3f} at threshold {o.threshold:.3f}: {verdict}"
+        if o.box is not None:   # a detection's box, or a positive classification's hottest region
+            x1, y1, x2, y2 = o.box
+            line += f", box ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f})"
+        if o.kind == "detection":
+            size = f"{o.diameter_mm:.1f} mm" if o.diameter_mm is not None else f"{o.diameter_px:.0f} px"
+            line += f", diameter {size}"
+        lines.append(line)
+    lines.append("refer: " + (", ".join(findings.refer_reasons()) if findings.refer else "no"))
     lines.append("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in findings.timings_ms.items()))
     lines.append("models: " + ", ".join(f"{m.name} {m.version} ({m.backend})" for m in findings.models))
     if not all(m.clinical_use for m in findings.models):

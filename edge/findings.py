@@ -32,6 +32,7 @@ class TBResult:
     positive: bool       # score >= threshold: refer for TB testing
     # coarse heatmap bounding box of the most suspicious region, full-res pixels, or None
     region: list[float] | None = None
+    model: str = ""      # name of the model that screened (a ModelInfo.name); "" unknown
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Nodule:
     score: float
     diameter_mm: float | None = None  # None when pixel spacing is unknown
     diameter_px: float = 0.0
+    model: str = ""                   # name of the detector (a ModelInfo.name); "" unknown
 
 
 @dataclass(frozen=True)

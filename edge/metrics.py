@@ -5,7 +5,8 @@ Event counters and histograms are updated by the pipeline and the outbox through
 the file system at scrape time (``JournalCollector``), so they are never stale.
 
 No label carries patient data or UIDs: labels are calling AE titles, destination names,
-stage names, fixed skip-reason categories and model names/versions.
+stage names, fixed skip-reason categories, model names/versions and the finding labels
+the models declare in their manifests.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:  # pragma: no cover
+    from edge.findings import Findings
     from edge.journal import Journal
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,12 @@ DELIVERY_OUTCOMES = ("sent", "retry", "gave_up")
 OBJECT_TYPES = ("source", "sr", "gsps", "sc")
 FINISHED_STATES = ("analyzed", "skipped", "failed")
 COMMITMENT_OUTCOMES = ("requested", "committed", "failures", "undeliverable")
+#: Kinds of findings (``edge.findings.Other.kind``).
+FINDING_KINDS = ("classification", "detection")
+#: Labels of the two findings the appliance keeps apart (``Findings.tb``, ``Findings.nodules``).
+TB_LABEL, NODULE_LABEL = "tuberculosis", "nodule"
+#: Distinct finding labels kept; labels come from installed manifests, so this is generous.
+MAX_FINDING_LABELS = 64
 
 # Skip reasons are free text written by triage; metrics and the status page use these
 # categories. Order matters: the first pattern that matches wins.
@@ -140,6 +148,14 @@ class Metrics:
                                    " outcome: requested, committed (all instances), failures"
                                    " (some not committed), undeliverable (result never accepted)",
                                    ["outcome"], registry=self.registry)
+        self.findings = Counter("edge_findings", "Analysed images with a positive finding, by the"
+                                " label its model declares and its kind (classification,"
+                                " detection); an image counts once per label",
+                                ["label", "kind"], registry=self.registry)
+        self.referred = Counter("edge_instances_referred", "Analysed images the technician is told"
+                                " to refer: TB screen positive or any referring finding",
+                                registry=self.registry)
+        self._finding_label = BoundedLabel("finding label", MAX_FINDING_LABELS)
         self.model_info = Gauge("edge_model_info", "Loaded models (value is always 1)",
                                 ["name", "version", "backend"], registry=self.registry)
         for stage in STAGES:   # series exist from the start, so rate() and p95 work at once
@@ -160,6 +176,29 @@ class Metrics:
             self.failed.inc()
         else:
             raise ValueError(f"state: {state!r} is not one of {', '.join(FINISHED_STATES)}")
+
+    def declare_findings(self, declared: Iterable[tuple[str, str]]) -> None:
+        """Create the ``edge_findings`` series of (label, kind) pairs the installed models
+        declare, so that rate() works from the first scrape."""
+        for label, kind in declared:
+            self._finding_series(label, kind)
+
+    def findings_observed(self, findings: "Findings") -> None:
+        """Count an analysed image's positive findings (once per label) and its refer."""
+        positive: set[tuple[str, str]] = set()
+        if findings.tb is not None and findings.tb.positive:
+            positive.add((TB_LABEL, "classification"))
+        if findings.nodules:
+            positive.add((NODULE_LABEL, "detection"))
+        positive.update((o.label, o.kind) for o in findings.others if o.positive)
+        for label, kind in sorted(positive):
+            self._finding_series(label, kind).inc()
+        if findings.refer:
+            self.referred.inc()
+
+    def _finding_series(self, label: str, kind: str):
+        return self.findings.labels(label=self._finding_label.value(label),
+                                    kind=kind if kind in FINDING_KINDS else "other")
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one stage duration (store, decode, preprocess, tb, nodule, report, deliver)."""

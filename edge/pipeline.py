@@ -214,9 +214,14 @@ class Pipeline:
                 if stage in ("decode", "preprocess", "tb", "nodule", "report"):
                     self.metrics.observe_stage(stage, ms / 1000.0)
             self.metrics.instance_finished("analyzed")
+            self.metrics.findings_observed(findings)
         tb = findings.tb
-        logger.info("analyzed %s: TB %s, %d nodule(s), %.0f ms", job.row.sop_instance_uid,
-                    "refer" if tb and tb.positive else "no signs", len(findings.nodules),
+        # refer reasons are the models' display names, never patient data
+        logger.info("analyzed %s: %s, TB %s, %d nodule(s), %d other positive finding(s), %.0f ms",
+                    job.row.sop_instance_uid,
+                    f"refer ({', '.join(findings.refer_reasons())})" if findings.refer else "no refer",
+                    "none" if tb is None else ("positive" if tb.positive else "negative"),
+                    len(findings.nodules), sum(o.positive for o in findings.others),
                     timings["analysis_total"])
         self._on_results()
 

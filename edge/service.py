@@ -197,6 +197,7 @@ class Appliance:
         self.pipeline = Pipeline(cfg, self.journal, analyzer, work_available=self.work_available,
                                  metrics=self.metrics, on_results=lambda: self.outbox and self.outbox.wake())
         self.metrics.set_model_info(self.model_info())
+        self.metrics.declare_findings(declared_findings(self.models))
 
     def _decoder(self, name: str) -> IsolatedDecoder:
         """A pixel decoder process (see edge.decoder) with the configured limits."""
@@ -321,3 +322,25 @@ def _check_storage_dir(storage: Path) -> None:
         raise ConfigError(f"storage.dir: cannot use {str(storage)!r} for images and the journal "
                           f"({exc.strerror or exc}); create it, make it writable for this user, "
                           "or choose another directory") from None
+
+
+def declared_findings(models: dict) -> list[tuple[str, str]]:
+    """(metric label, kind) of every reported finding the loaded models declare, named as
+    ``Metrics.findings_observed`` names them (the TB screen "tuberculosis", nodules "nodule")."""
+    from .findings import NODULE_CODES, TB_CODES
+    from .metrics import NODULE_LABEL, TB_LABEL
+
+    out = []
+    for model in models.values():
+        kind = model.manifest.task
+        for spec in model.manifest.findings:
+            if not spec.report:
+                continue
+            code = (spec.code.scheme, spec.code.value) if spec.code is not None else None
+            if kind == "classification" and code in TB_CODES:
+                out.append((TB_LABEL, kind))
+            elif kind == "detection" and code in NODULE_CODES:
+                out.append((NODULE_LABEL, kind))
+            else:
+                out.append((spec.label, kind))
+    return out

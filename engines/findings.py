@@ -195,8 +195,11 @@ def to_full_image(findings: Iterable[Finding], geometry: InputGeometry, *,
     """
     out = []
     for f in findings:
-        if f.box is None or f.space == "full":
+        if f.space == "full":
             out.append(f)
+            continue
+        if f.box is None:
+            out.append(replace(f, space="full"))
             continue
         box = geometry.box_to_full(f.box, clip=clip)
         if box[2] <= box[0] or box[3] <= box[1]:

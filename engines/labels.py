@@ -7,7 +7,7 @@ a display text, a threshold, and whether a positive result raises the technician
     [[findings]]
     label = "tb"                    # the model's name for the class (unique)
     index = 1                       # class index in the output (default: list position)
-    display = "Tuberculosis"        # shown to people (default: the label)
+    display = "Tuberculosis"        # shown to people (default: the code's meaning, else the label)
     code = "154283005"              # optional coded concept ...
     scheme = "SCT"                  # ... its coding scheme (default SCT) ...
     meaning = "Pulmonary tuberculosis"   # ... and its code meaning
@@ -127,8 +127,8 @@ def parse_findings(entries: Any, source: Path, default_threshold: float,
         index = entry.get("index", n)
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise fail("index", f"must be a whole number >= 0 (the class index in the output), got {index!r}")
-        display = entry.get("display", label)
-        if not isinstance(display, str) or not display.strip():
+        display = entry.get("display")
+        if display is not None and (not isinstance(display, str) or not display.strip()):
             raise fail("display", f"must be a non-empty string, got {display!r}")
         threshold = entry.get("threshold", default_threshold)
         if isinstance(threshold, int) and not isinstance(threshold, bool):
@@ -142,6 +142,8 @@ def parse_findings(entries: Any, source: Path, default_threshold: float,
                 raise fail(key, f"must be true or false, got {value!r}")
             flags[key] = value
         code = _code(entry, label, fail)
+        if display is None:   # what people read: the code's meaning, else the label
+            display = code.meaning if code is not None and code.meaning else label
         out.append(FindingSpec(label=label.strip(), index=index, display=display.strip(), code=code,
                                threshold=threshold, **flags))
     seen_labels: dict[str, int] = {}

@@ -361,3 +361,45 @@ def test_shipped_models_on_a_phantom_in_two_transfer_syntaxes(tmp_path) -> None:
     confident = [n for n in plain.nodules if n.score > 0.5]
     for n in confident:   # a confident detection is found again in the J2K copy, in the same place
         assert any(np.allclose(n.box, m.box, atol=16) for m in j2k.nodules), n
+
+
+def test_format_findings_lists_other_findings_and_refer_reasons() -> None:
+    """One line per other finding (detections with box and size), then what raises refer."""
+    from dataclasses import replace
+
+    from edge.findings import Findings, ModelInfo, Nodule, Other, TBResult
+
+    others = [
+        Other(label="mass", display="Mass", kind="detection", score=0.812, threshold=0.4, positive=True,
+              refer=True, box=[120.4, 60.0, 176.0, 118.2], diameter_mm=23.44, diameter_px=57.0),
+        Other(label="effusion", display="Pleural effusion", kind="classification", score=0.12,
+              threshold=0.5, positive=False),
+        Other(label="consolidation", display="Consolidation", kind="classification", score=0.66,
+              threshold=0.5, positive=True, box=[10.0, 20.0, 30.0, 40.0]),
+        Other(label="mass", display="Mass", kind="detection", score=0.45, threshold=0.4, positive=True,
+              refer=True, box=[1.0, 2.0, 21.0, 22.0], diameter_px=20.0),
+    ]
+    findings = Findings(sop_instance_uid="2.25.7", eligible=True, rows=2000, columns=2000,
+                        tb=TBResult(score=0.2, threshold=0.5, positive=False),
+                        nodules=[Nodule(box=[5.0, 5.0, 25.0, 25.0], score=0.7, diameter_px=20.0)],
+                        others=others, models=[ModelInfo("cxr", "1.0", "onnxruntime", clinical_use=True)])
+    lines = format_findings(findings).splitlines()
+    start = lines.index("other findings: 3 positive of 4")
+    assert lines[start + 1:start + 6] == [
+        "  1. Mass (detection): score 0.812 at threshold 0.400: POSITIVE, refer, box (120, 60)-(176, 118),"
+        " diameter 23.4 mm",
+        "  2. Pleural effusion (classification): score 0.120 at threshold 0.500: negative",
+        "  3. Consolidation (classification): score 0.660 at threshold 0.500: POSITIVE, box (10, 20)-(30, 40)",
+        "  4. Mass (detection): score 0.450 at threshold 0.400: POSITIVE, refer, box (1, 2)-(21, 22), diameter 20 px",
+        "refer: Mass",
+    ]
+    assert lines.index("nodules: 1") < start
+    assert "TB: score 0.200 at threshold 0.500: negative" in lines
+
+    tb_too = replace(findings, tb=TBResult(score=0.9, threshold=0.5, positive=True))
+    assert "refer: Tuberculosis, Mass" in format_findings(tb_too).splitlines()
+    quiet = replace(findings, tb=TBResult(score=0.1, threshold=0.5, positive=False),
+                                others=[others[1]])
+    text = format_findings(quiet)
+    assert "other findings: 0 positive of 1" in text and "refer: no" in text.splitlines()
+    assert "other findings" not in format_findings(replace(findings, others=[]))

@@ -478,7 +478,8 @@ def _as_before(models, outputs, image):
     if positive:
         x1, y1, x2, y2 = hot_region(out[spec_.heatmap], image.full_rows, image.full_cols)
         region = [round(v, 2) for v in (x1, y1, x2, y2)]
-    tb = TBResult(score=score, threshold=float(spec_.threshold), positive=positive, region=region)
+    tb = TBResult(score=score, threshold=float(spec_.threshold), positive=positive, region=region,
+                  model="tb_classifier")
     fx = image.full_cols / det.manifest.input.width
     fy = image.full_rows / det.manifest.input.height
     nodules = []
@@ -488,7 +489,7 @@ def _as_before(models, outputs, image):
         w, h = box[2] - box[0], box[3] - box[1]
         if w > 0 and h > 0:
             nodules.append(Nodule(box=[round(v, 2) for v in box], score=score,
-                                  diameter_px=round((w + h) / 2.0, 2)))
+                                  diameter_px=round((w + h) / 2.0, 2), model="nodule_detector"))
     return tb, nodules
 
 

@@ -23,9 +23,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from conftest import require_tool
-from edge.findings import Findings, ModelInfo, Nodule, TBResult
+from edge.findings import Findings, ModelInfo, Nodule, Other, TBResult
 from edge.reporting import (OUTPUT_TYPES, Equipment, annotate_image, build_gsps,
                             build_results, build_sc, build_sr, result_series_uid, result_uid)
+from edge.reporting import common
+from edge.reporting.annotate import banner_lines
 from edge.reporting.sc import sc_image_size
 from engines.preprocess import resize_area, window_to_unit
 from support.viewers import ohif_labels
@@ -536,3 +538,213 @@ def test_single_component_name_and_missing_type2_attributes(tmp_path, caplog, re
         assert back.PatientSex == "" and back.AccessionNumber == ""
     messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "MOSTAFA" in m]
+
+
+# --- Findings beyond TB and nodules (Findings.others) --------------------------------
+
+SCT_MASS = {"value": "4147007", "scheme": "SCT", "meaning": "Mass"}
+OPACITY = {"value": "112001", "scheme": "DCM", "meaning": "Opacity"}
+EFFUSION = {"value": "60046008", "scheme": "SCT", "meaning": "Pleural effusion"}
+OTHER_BOXES = {"mass": ([700.0, 200.0, 860.0, 350.0], [100.0, 100.0, 160.0, 150.0]),
+               "consolidation": [150.0, 600.0, 400.0, 800.0]}
+
+
+def make_other_findings(source: Dataset, *, tb: bool = True, detector: bool = True,
+                        mass_score: float = 0.82) -> Findings:
+    """A YOLO-style detector (nodule, mass coded, consolidation uncoded and referring) and
+    a multi-label classifier (Lung Opacity refers and is positive; Effusion positive;
+    Enlarged Cardiomediastinum uncoded and negative), next to a negative TB screen: the
+    refer flag is raised by the other findings only."""
+    models = [ModelInfo("tb_classifier", "0.1.0", "onnxruntime"),
+              ModelInfo("chest_detector", "1.2.0", "onnxruntime"),
+              ModelInfo("chest_classifier", "2.0.0", "onnxruntime")]
+    detections = [
+        Other("mass", "Mass", "detection", mass_score, 0.25, True, False, SCT_MASS,
+              "chest_detector", OTHER_BOXES["mass"][0], 31.0, 155.0),
+        Other("consolidation", "Consolidation", "detection", 0.64, 0.25, True, True, None,
+              "chest_detector", OTHER_BOXES["consolidation"], 45.0, 225.0),
+        Other("mass", "Mass", "detection", 0.41, 0.25, True, False, SCT_MASS,
+              "chest_detector", OTHER_BOXES["mass"][1], 11.0, 55.0),
+    ]
+    classifications = [
+        Other("Lung Opacity", "Lung Opacity", "classification", 0.66, 0.5, True, True,
+              OPACITY, "chest_classifier"),
+        Other("Effusion", "Effusion", "classification", 0.71, 0.45, True, False, EFFUSION,
+              "chest_classifier"),
+        Other("Enlarged Cardiomediastinum", "Enlarged Cardiomediastinum", "classification",
+              0.2, 0.45, False, False, None, "chest_classifier"),
+    ]
+    base = make_findings(source, positive=False, nodules=1 if detector else 0, tb=tb)
+    return replace(base, models=[m for m in models if detector or m.name != "chest_detector"
+                                 if tb or m.name != "tb_classifier"],
+                   others=(detections if detector else []) + classifications)
+
+
+@pytest.fixture
+def others_case(tmp_path):
+    source = make_source(tmp_path)
+    findings = make_other_findings(source)
+    assert findings.refer and not findings.tb.positive
+    return source, findings
+
+
+def test_others_every_object_passes_dciodvfy(others_case, tmp_path):
+    source, findings = others_case
+    for kind, ds in build_results(source, findings, unit_image(source)).items():
+        assert dciodvfy_errors(write(ds, tmp_path / f"others_{kind}.dcm")) == [], kind
+
+
+def test_others_sr_as_dsrdump_reads_it(others_case, tmp_path):
+    source, findings = others_case
+    path = write(build_sr(source, findings), tmp_path / "sr.dcm")
+    require_tool("dsrdump")
+    run = subprocess.run(["dsrdump", "+Pc", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    groups, evaluations = text.split('"Qualitative Evaluations"')
+    # a planar ROI per detection, numbered per finding, the coded concept as its finding
+    for name in ("Nodule 1", "Mass 1", "Mass 2", "Consolidation 1"):
+        assert f'"Tracking Identifier")="{name}"' in groups, name
+    assert groups.count('"Finding")=(4147007,SCT,"Mass")') == 2
+    assert '"Finding")=(consolidation,99XRAYEDGE,"Consolidation")' in groups
+    assert 'NUM:(111012,DCM,"Certainty of Finding")="82.0" (%,UCUM,"Percent")' in groups
+    assert 'NUM:(103339001,SCT,"Long axis")="31.0" (mm,UCUM,"mm")' in groups
+    assert 'TEXT:(111001,DCM,"Algorithm Name")="chest_detector"' in groups
+    assert "(POLYLINE,700/200" in groups and "(POLYLINE,150/600" in groups
+    # report level: each classification at its threshold, each detected concept present
+    opacity = evaluations.split('CODE:(112001,DCM,"Opacity")=(52101004,SCT,"Present")')[1]
+    opacity = opacity.split("<contains")[0]       # the items under it
+    assert 'inferred from NUM:(122157,DCM,"Probability")="66.0" (%,UCUM,"Percent")' in opacity
+    assert '"Threshold Value")="50.0" (%,UCUM,"Percent")' in opacity
+    assert '"Algorithm Name")="chest_classifier"' in opacity
+    assert 'CODE:(60046008,SCT,"Pleural effusion")=(52101004,SCT,"Present")' in evaluations
+    assert ('CODE:(Enlarged Cardiomediastinum,99XRAYEDGE,"Enlarged Cardiomediastinum")='
+            '(272519000,SCT,"Absent")') in evaluations
+    # the referring detection is visible at report level too, once per concept
+    assert evaluations.count('CODE:(consolidation,99XRAYEDGE,"Consolidation")='
+                             '(52101004,SCT,"Present")') == 1
+    assert evaluations.count('CODE:(4147007,SCT,"Mass")=(52101004,SCT,"Present")') == 1
+    assert 'CODE:(56717001,SCT,"Tuberculosis")=(272519000,SCT,"Absent")' in evaluations
+    assert 'TEXT:(111001,DCM,"Algorithm Name")="chest_classifier"' in evaluations
+    # the private scheme is declared
+    sr = pydicom.dcmread(path)
+    declared = {item.CodingSchemeDesignator: item
+                for item in sr.CodingSchemeIdentificationSequence}
+    assert set(declared) == {"99IHE", "99XRAYEDGE"}
+    assert declared["99XRAYEDGE"].CodingSchemeName
+
+
+def test_others_sr_groups_in_ohif_and_shared_tracking_uids(others_case):
+    source, findings = others_case
+    sr = pydicom.dcmread(io.BytesIO(to_bytes(build_sr(source, findings))))
+    labels = ohif_labels(sr)
+    assert {name: lines for name, (_, lines) in labels.items()} == {
+        "Nodule 1": ["Certainty of Finding: 91.00 %", "Long axis: 12.00 mm"],
+        "Mass 1": ["Certainty of Finding: 82.00 %", "Long axis: 31.00 mm"],
+        "Consolidation 1": ["Certainty of Finding: 64.00 %", "Long axis: 45.00 mm"],
+        "Mass 2": ["Certainty of Finding: 41.00 %", "Long axis: 11.00 mm"],
+    }
+    gsps = build_gsps(source, findings)
+    annotation = gsps.GraphicAnnotationSequence[0]
+    boxes = {b.TrackingID: b.TrackingUID for b in annotation.GraphicObjectSequence}
+    assert boxes == {name: uid for name, (uid, _) in labels.items()}
+    label_uids = [t.TrackingUID for t in annotation.TextObjectSequence if "TrackingUID" in t]
+    assert len(set(boxes.values()) | set(label_uids)) == 8
+    # a changed finding gets a new tracking UID; the others keep theirs
+    changed = make_other_findings(source, mass_score=0.83)
+    again = {name: uid for name, (uid, _) in ohif_labels(pydicom.dcmread(io.BytesIO(
+        to_bytes(build_sr(source, changed))))).items()}
+    assert again["Mass 1"] != boxes["Mass 1"]
+    assert {k: v for k, v in again.items() if k != "Mass 1"} == \
+        {k: v for k, v in boxes.items() if k != "Mass 1"}
+
+
+def test_others_gsps_boxes_and_labels(others_case, tmp_path):
+    source, findings = others_case
+    source_path = write(source, tmp_path / "source.dcm")
+    gsps_path = write(build_gsps(source, findings), tmp_path / "gsps.dcm")
+    _, dump = render(gsps_path, source_path, tmp_path)
+    assert "700\\200, 860\\200, 860\\350, 700\\350, 700\\200" in dump
+    for label in ("Mass 0.82, 31 mm", "Mass 0.41, 11 mm", "Consolidation 0.64, 45 mm",
+                  "Nodule 0.91, 12 mm", "TB score 0.12", "1 nodule(s) marked",
+                  "REFER: Consolidation, Lung Opacity",
+                  "Also found: Mass (2 marked), Effusion 0.71"):
+        assert f'"{label}"' in dump, label
+
+
+def test_others_sc_pixels_show_boxes_and_banner(others_case, tmp_path):
+    source, findings = others_case
+    sc = pydicom.dcmread(write(build_sc(source, findings, unit_image(source)),
+                               tmp_path / "sc.dcm"))
+    pixels = sc.pixel_array
+    banner = sc.Rows - sc.Columns
+    scale = sc.Columns / SIZE
+    assert len(text_rows(pixels[:banner])) == 5          # three lines, REFER, also found
+    for box in (*OTHER_BOXES["mass"], OTHER_BOXES["consolidation"]):
+        x1, y1, x2, y2 = (v * scale for v in box)
+        middle = round((x1 + x2) / 2)
+        assert pixels[banner + round(y1), middle] == 255, box       # the white edge
+        assert 0 < pixels[banner + round((y1 + y2) / 2), middle] < 255
+    # shipped models only: the banner keeps its three lines
+    plain = make_findings(source)
+    plain_sc = build_sc(source, plain, unit_image(source))
+    assert plain_sc.Rows - plain_sc.Columns < banner
+
+
+def test_others_banner_is_bounded_and_colours_refer(tmp_path):
+    source = make_source(tmp_path)
+    many = [Other(f"finding{n}", f"Finding number {n}", "classification", 0.9, 0.5, True,
+                  n % 2 == 0, None, "chest_classifier") for n in range(12)]
+    findings = replace(make_other_findings(source), others=many)
+    lines = banner_lines(findings)
+    assert len(lines) == 5
+    assert lines[:3] == banner_lines(replace(findings, others=[]))   # unchanged
+    assert lines[3].startswith("REFER: Finding number 0") and lines[3].endswith("more")
+    assert lines[4].startswith("Also found: ") and len(lines[4]) <= 60
+    thumb = np.asarray(annotate_image(unit_image(source), make_other_findings(source),
+                                      max_side=512, color=True))
+    assert ((thumb[..., 0] == 255) & (thumb[..., 1] == 90) & (thumb[..., 2] == 60)).any()
+
+
+def test_others_rebuild_gives_identical_bytes(others_case):
+    source, findings = others_case
+    unit = unit_image(source)
+    first = {k: to_bytes(v) for k, v in build_results(source, findings, unit).items()}
+    again = {k: to_bytes(v) for k, v in build_results(
+        source, Findings.from_dict(findings.to_dict()), unit).items()}
+    assert first == again
+    plain = build_results(source, replace(findings, others=[]), unit)
+    for kind, ds in plain.items():
+        assert ds.SOPInstanceUID != pydicom.dcmread(io.BytesIO(first[kind])).SOPInstanceUID
+
+
+def test_others_classifier_only_keeps_a_group(tmp_path):
+    """Without TB and detectors the report still has a group (OHIF needs one): the whole
+    image, for the referring classification."""
+    source = make_source(tmp_path)
+    findings = make_other_findings(source, tb=False, detector=False)
+    assert common.nodule_model(findings) is None
+    path = write(build_sr(source, findings), tmp_path / "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    sr = pydicom.dcmread(path)
+    assert {name: lines for name, (_, lines) in ohif_labels(sr).items()} == \
+        {"Lung Opacity": []}
+    text = dsrdump(path)
+    group = text.split('"Imaging Measurements"')[1].split('"Qualitative Evaluations"')[0]
+    assert "(POLYLINE,0/0,...)" in group and 'CODE:(,,"Opacity")=(52101004,SCT,"Present")' \
+        in group
+    assert "Tuberculosis" not in text and '"Nodule")' not in text
+
+
+def test_others_bad_inputs_are_refused_with_named_arguments(others_case):
+    source, findings = others_case
+    others = findings.others
+    with pytest.raises(ValueError, match=r"others\[0\]\.score"):
+        build_sr(source, replace(findings, others=[replace(others[0], score=1.5)]))
+    with pytest.raises(ValueError, match=r"others\[1\] is a detection without a box"):
+        build_gsps(source, replace(findings, others=[others[0], replace(others[1], box=None)]))
+    with pytest.raises(ValueError, match=r"others\[0\]\.code"):
+        build_sr(source, replace(findings, others=[replace(others[0], code={"value": "1"})]))
+    with pytest.raises(ValueError, match=r"others\[0\]\.kind"):
+        build_sr(source, replace(findings, others=[replace(others[0], kind="segmentation")]))

@@ -6,6 +6,7 @@ The helpers at the top are reused by test_web_browser.py and test_prometheus.py.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import shutil
@@ -23,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from edge.config import Config, Destination, StorageConfig, WebConfig
 from edge.health import HealthMonitor
-from edge.findings import Findings, ModelInfo, Nodule, TBResult
+from edge.findings import Findings, ModelInfo, Nodule, Other, TBResult
 from edge.journal import Journal, NewInstance
 from edge.metrics import Metrics
 from edge.web import create_app, ensure_password
@@ -71,13 +72,15 @@ def write_dicom(storage: Path, rel: str, *, patient_name: str, patient_id: str,
                        patient_name=patient_name, patient_id=patient_id, modality="DX")
 
 
-def findings_for(new: NewInstance, *, score: float, nodules: int = 0, rows: int = 320, cols: int = 256) -> dict:
+def findings_for(new: NewInstance, *, score: float, nodules: int = 0, rows: int = 320, cols: int = 256,
+                 others: tuple[Other, ...] = ()) -> dict:
     """Findings as the pipeline stores them, with ``nodules`` boxes in full-res pixels."""
     return Findings(
         sop_instance_uid=new.sop_instance_uid, eligible=True,
         tb=TBResult(score=score, threshold=0.5, positive=score >= 0.5),
         nodules=[Nodule(box=[40.0 + 60 * i, 150.0, 80.0 + 60 * i, 190.0], score=0.8, diameter_mm=12.0,
                         diameter_px=40.0) for i in range(nodules)],
+        others=list(others),
         timings_ms={"decode": 12.0, "tb": 30.0}, rows=rows, columns=cols,
         models=[ModelInfo("tb_classifier", "0.1.0", "onnxruntime"), ModelInfo("nodule_detector", "0.1.0", "onnxruntime")],
     ).to_dict()
@@ -86,7 +89,7 @@ def findings_for(new: NewInstance, *, score: float, nodules: int = 0, rows: int 
 def add_instance(journal: Journal, storage: Path, state: str, *, name: str = PATIENT_NAME,
                  pid: str = PATIENT_ID, score: float = 0.9, nodules: int = 1, reason: str | None = None,
                  deliveries: tuple[str, ...] = (), monochrome1: bool = False,
-                 received_at: float | None = None) -> str:
+                 received_at: float | None = None, others: tuple[Other, ...] = ()) -> str:
     """Store a real DICOM file and move its journal row to ``state``; returns the SOP UID.
 
     "analyzing" claims the oldest received instance, which must be this one; final states
@@ -102,7 +105,7 @@ def add_instance(journal: Journal, storage: Path, state: str, *, name: str = PAT
         claimed = journal.claim_next_instance()
         assert claimed is not None and claimed.sop_instance_uid == uid, "another instance was waiting"
         return uid
-    findings = findings_for(new, score=score, nodules=nodules) if state == "analyzed" else None
+    findings = findings_for(new, score=score, nodules=nodules, others=others) if state == "analyzed" else None
     journal.finish_instance(uid, state, reason=reason, findings=findings, timings_ms={"store": 8.0})
     if deliveries:
         journal.add_deliveries(uid, [("sr", generate_uid(), "results/sr.dcm"),
@@ -586,3 +589,131 @@ def test_a_forwarded_image_is_a_delivery_of_type_source(logged_in):
     assert listed[new.sop_instance_uid]["forwarding"] == "retrying"
     analysed = listed[logged_in["uids"]["analyzed"]]
     assert analysed["forwarding"] == "none"      # not routed
+
+
+# ---------------------------------------------------------------------------- other findings
+
+MASS_CODE = {"value": "4147007", "scheme": "SCT", "meaning": "Mass"}
+
+
+def other_findings() -> tuple[Other, ...]:
+    """A referring mass (detection), a positive consolidation that does not refer, a negative
+    effusion, and a display name that must be escaped."""
+    return (
+        Other(label="effusion", display="Pleural effusion", kind="classification", score=0.12,
+              threshold=0.5, positive=False, model="cxr_classifier"),
+        Other(label="mass", display="Mass", kind="detection", score=0.81, threshold=0.4, positive=True,
+              refer=True, code=MASS_CODE, model="cxr_detector", box=[120.0, 60.0, 176.0, 118.0],
+              diameter_mm=23.4, diameter_px=57.0),
+        Other(label="consolidation", display="Consolidation <b>", kind="classification", score=0.66,
+              threshold=0.5, positive=True, model="cxr_classifier"),
+    )
+
+
+def test_a_refer_raised_by_another_finding_names_it(logged_in):
+    """TB negative, a mass refers: the flag is a refer that says why (not the TB words), and
+    the page and the API list every other finding with score, result and size."""
+    client, journal, storage = logged_in["client"], logged_in["journal"], logged_in["config"].storage_dir
+    uid = add_instance(journal, storage, "analyzed", score=0.2, nodules=0, others=other_findings())
+
+    listed = client.get("/api/instances").get_json()["instances"][0]
+    assert listed["sop_instance_uid"] == uid
+    assert listed["result"] == "refer" and listed["refer"] is True and listed["tb_positive"] is False
+    assert listed["refer_reasons"] == ["Mass"]
+    assert [(o["label"], o["positive"], o["refer"]) for o in listed["other_findings"]] == [
+        ("mass", True, True), ("consolidation", True, False), ("effusion", False, False)]
+    assert listed["other_findings"][0]["diameter_mm"] == pytest.approx(23.4)
+    detail = client.get(f"/api/instances/{uid}").get_json()
+    assert detail["refer_reasons"] == ["Mass"]
+    assert {o["label"]: o["code"] for o in detail["findings"]["others"]}["mass"] == MASS_CODE
+
+    english = client.get(f"/instances/{uid}", headers={"Accept-Language": "en"}).get_data(as_text=True)
+    flag = re.search(r'<div class="flag" id="flag">([^<]*)</div>', english).group(1)
+    assert flag == "REFER: Mass" and "REFER for TB testing" not in english
+    assert 'class="card result-refer detail"' in english
+    table = english[english.index('id="other-findings"'):]
+    table = table[:table.index("</table>")]
+    assert "<h2>Other findings</h2>" in english
+    for text in ("Mass", "23.4 mm", "120, 60, 176, 118", "positive · refer", "Pleural effusion",
+                 "negative", "0.12 (threshold 0.50)", "Consolidation &lt;b&gt;"):
+        assert text in table, text
+    assert table.index("Mass") < table.index("Pleural effusion")   # positive ones first
+    assert "<b>" not in table
+
+    vietnamese = client.get(f"/instances/{uid}", headers={"Accept-Language": "vi"}).get_data(as_text=True)
+    flag = re.search(r'<div class="flag" id="flag">([^<]*)</div>', vietnamese).group(1)
+    assert flag == "CHUYỂN TUYẾN: Mass" and "CHUYỂN XÉT NGHIỆM LAO" not in vietnamese
+    for text in ("Phát hiện khác", "dương tính · chuyển tuyến", "âm tính", "ngưỡng 0.50",
+                 "Kết quả"):
+        assert text in vietnamese, text
+
+    board = client.get("/", headers={"Accept-Language": "vi"}).get_data(as_text=True)
+    assert "<th>Phát hiện khác</th>" in board
+    strings = json.loads(re.search(r'<script type="application/json" id="i18n">(.*?)</script>', board, re.S).group(1))
+    assert strings["refer_for"] == "CHUYỂN TUYẾN: {reasons}" and strings["other_findings"] == "Phát hiện khác"
+
+
+def test_tb_refer_keeps_its_words_and_adds_other_reasons(logged_in):
+    client, journal, storage = logged_in["client"], logged_in["journal"], logged_in["config"].storage_dir
+    uid = add_instance(journal, storage, "analyzed", score=0.9, nodules=1, others=other_findings())
+    view = client.get(f"/api/instances/{uid}").get_json()
+    assert view["result"] == "refer" and view["tb_positive"] is True
+    assert view["refer_reasons"] == ["Tuberculosis", "Mass"]
+    english = client.get(f"/instances/{uid}", headers={"Accept-Language": "en"}).get_data(as_text=True)
+    assert re.search(r'id="flag">REFER for TB testing</div>', english)
+    assert re.search(r'id="refer-also">Also refer for: Mass</div>', english)
+    vietnamese = client.get(f"/instances/{uid}", headers={"Accept-Language": "vi"}).get_data(as_text=True)
+    assert re.search(r'id="flag">CHUYỂN XÉT NGHIỆM LAO</div>', vietnamese)
+    assert re.search(r'id="refer-also">Cũng chuyển tuyến vì: Mass</div>', vietnamese)
+
+
+def test_other_findings_that_do_not_refer_leave_the_tb_result(logged_in):
+    client, journal, storage = logged_in["client"], logged_in["journal"], logged_in["config"].storage_dir
+    quiet = tuple(o for o in other_findings() if not o.refer)
+    uid = add_instance(journal, storage, "analyzed", score=0.1, nodules=0, others=quiet)
+    view = client.get(f"/api/instances/{uid}").get_json()
+    assert view["result"] == "no_signs" and view["refer"] is False and view["refer_reasons"] == []
+    assert [o["label"] for o in view["other_findings"]] == ["consolidation", "effusion"]
+    page = client.get(f"/instances/{uid}", headers={"Accept-Language": "en"}).get_data(as_text=True)
+    assert re.search(r'id="flag">No TB signs</div>', page) and "Consolidation &lt;b&gt;" in page
+    # rows without others (stored before models declared them) show no such section
+    old = client.get(f"/instances/{logged_in['uids']['negative']}").get_data(as_text=True)
+    assert 'id="other-findings"' not in old
+    assert client.get(f"/api/instances/{logged_in['uids']['negative']}").get_json()["other_findings"] == []
+
+
+def test_findings_counter_by_label_and_kind(logged_in):
+    """Positive findings counted once per image and label; refers from any finding counted."""
+    client, metrics = logged_in["client"], logged_in["metrics"]
+    registry = metrics.registry
+    metrics.declare_findings([("mass", "detection"), ("effusion", "classification")])
+    assert registry.get_sample_value("edge_findings_total", {"label": "effusion", "kind": "classification"}) == 0.0
+    assert registry.get_sample_value("edge_instances_referred_total") == 0.0
+
+    second_mass = Other(label="mass", display="Mass", kind="detection", score=0.55, threshold=0.4,
+                        positive=True, refer=True, box=[10.0, 10.0, 30.0, 30.0], diameter_px=20.0)
+
+    def findings(score: float, *others: Other, nodules: int = 0) -> Findings:
+        return Findings(sop_instance_uid="2.25.9", eligible=True,
+                        tb=TBResult(score=score, threshold=0.5, positive=score >= 0.5),
+                        nodules=[Nodule(box=[1.0, 1.0, 9.0, 9.0], score=0.7)] * nodules, others=list(others))
+
+    metrics.findings_observed(findings(0.2, *other_findings(), second_mass))   # refer by the mass only
+    metrics.findings_observed(findings(0.9, nodules=2))                          # refer by TB
+    metrics.findings_observed(findings(0.1))                                     # nothing
+    odd = Other(label='mass"}\n', display="?", kind="segmentation", score=1.0, threshold=0.5, positive=True)
+    metrics.findings_observed(findings(0.1, odd))
+
+    def value(label: str, kind: str) -> float | None:
+        return registry.get_sample_value("edge_findings_total", {"label": label, "kind": kind})
+
+    assert value("mass", "detection") == 1.0                # two boxes, one image
+    assert value("consolidation", "classification") == 1.0
+    assert value("effusion", "classification") == 0.0       # negative: not counted
+    assert value("tuberculosis", "classification") == 1.0 and value("nodule", "detection") == 1.0
+    assert value("invalid", "other") == 1.0                 # never the raw text
+    assert registry.get_sample_value("edge_instances_referred_total") == 2.0
+    text = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).get_data(as_text=True)
+    assert 'edge_findings_total{kind="detection",label="mass"} 1.0' in text
+    assert "edge_instances_referred_total 2.0" in text
+    assert 'label="invalid"' in text and 'mass\\"' not in text

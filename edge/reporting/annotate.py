@@ -1,14 +1,18 @@
 """Drawing the findings onto the image: the secondary capture and the web thumbnails.
 
 The image is the display-polarity ``unit_image`` (0..1, windowed like the source, usually
-reduced resolution); full-resolution boxes map to it by the ratio of the two sizes. A banner is added above
-the image (not over it: TB often shows at the lung apices) with the not-for-diagnosis
-note and the TB decision, so the result cannot be mistaken for the original image.
+reduced resolution); full-resolution boxes map to it by the ratio of the two sizes: one
+box and label per nodule and per detection of another label a model declares
+(``marks.marks``). A banner is added above the image (not over it: TB often shows at the
+lung apices) with the not-for-diagnosis note, the TB decision and the nodule count, then
+at most two lines for the other positive findings ("REFER: ..." for those that refer,
+"Also found: ..." for the rest, summarised to the width), so the result cannot be
+mistaken for the original image and the banner stays at most five lines.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -17,6 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 from edge.findings import Findings
 
 from . import common
+from .labels import other_lines
+from .marks import marks
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +38,16 @@ def tb_decision(findings: Findings) -> str:
     return prefix + ("REFER for TB testing" if findings.tb.positive else "No TB signs")
 
 
-def banner_lines(findings: Findings) -> list[str]:
-    """The banner text, top to bottom."""
+def banner_lines(findings: Findings, fits: Callable[[str], bool] | None = None) -> list[str]:
+    """The banner text, top to bottom (three to five lines); ``fits`` says whether a line
+    of the other findings fits (``labels.other_lines``)."""
     demo = common.is_demonstration(findings)
     count = len(findings.nodules)
     return [
         "AI result - not for diagnosis" + (" (demonstration model)" if demo else ""),
         tb_decision(findings),
         f"Nodules: {count} marked" if count else "Nodules: none found",
+        *other_lines(findings, fits),
     ]
 
 
@@ -71,8 +79,9 @@ def annotate_image(unit_image: np.ndarray, findings: Findings, *, max_side: int 
         out_h, out_w = (int(v) for v in image_size)
         if out_h < 16 or out_w < 16:
             raise ValueError(f"image_size must be two integers >= 16, got {image_size!r}")
-    lines = banner_lines(findings)
     font_size = text_size(out_w if image_size is not None else min(max_side, width))
+    font = _font(font_size)
+    lines = banner_lines(findings)    # the number of lines, before the width is known
     line_height = round(font_size * 1.3)
     banner_height = line_height * len(lines) + font_size // 2
     if image_size is None:
@@ -89,20 +98,24 @@ def annotate_image(unit_image: np.ndarray, findings: Findings, *, max_side: int 
     canvas = Image.new(mode, (out_w, out_h + banner_height), 0)
     canvas.paste(picture.convert(mode), (0, banner_height))
     draw = ImageDraw.Draw(canvas)
-    font = _font(font_size)
     label_font = _font(max(9, round(font_size * 0.8)))
     white = (255, 255, 255) if color else 255
+    if len(lines) > 3:   # the other findings' lines, summarised to the width
+        room = out_w - font_size
+        lines = banner_lines(findings, lambda text: draw.textlength(text, font=font) <= room)
     for number, line in enumerate(lines):
         fill = white
         if color and number == 1 and findings.tb is not None and findings.tb.positive:
+            fill = _REFER_COLOR_RGB
+        if color and number > 2 and line.startswith("REFER"):
             fill = _REFER_COLOR_RGB
         draw.text((font_size // 2, font_size // 4 + number * line_height), line, fill=fill,
                   font=font)
 
     sx, sy = out_w / full_cols, out_h / full_rows
     thickness = max(2, round(min(out_w, out_h) / 300))
-    for nodule in findings.nodules:
-        x1, y1, x2, y2 = common.clip_box(nodule.box, full_rows, full_cols)
+    for mark in marks(findings):
+        x1, y1, x2, y2 = common.clip_box(mark.box, full_rows, full_cols)
         box = (round(x1 * sx), round(y1 * sy) + banner_height,
                max(round(x2 * sx) - 1, round(x1 * sx)),
                max(round(y2 * sy) - 1, round(y1 * sy)) + banner_height)
@@ -112,7 +125,7 @@ def annotate_image(unit_image: np.ndarray, findings: Findings, *, max_side: int 
             outer = (box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1)
             draw.rectangle(outer, outline=0, width=thickness + 2)
             draw.rectangle(box, outline=255, width=thickness)
-        _draw_label(draw, common.nodule_label(nodule), box, banner_height, out_w, label_font,
+        _draw_label(draw, mark.label, box, banner_height, out_w, label_font,
                     (_BOX_COLOR_RGB if color else 255), (0, 0, 0) if color else 0)
     return canvas
 

@@ -17,11 +17,14 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.valuerep import DA, DT, TM
 
+from edge.findings import Findings
+
 from .attributes import UNPAIRED_BODY_PARTS
 from .equipment import AIR_PROCESSING_ALGORITHM, Equipment, air_equipment
 from .inputs import (BuildInputs, box_polyline, clip_box, is_demonstration, model_versions,
                      nodule_model, tb_model)
 from .labels import DEMO_NOTE, nodule_label, series_description, tb_label
+from .marks import PRIVATE_SCHEME, PRIVATE_SCHEME_NAME, private_schemes
 from .metadata import PATIENT_STUDY_KEYWORDS, content_datetime, instance_number
 
 logger = logging.getLogger(__name__)
@@ -40,11 +43,18 @@ SERIES_NUMBERS: dict[str, int] = {"sr": 9001, "gsps": 9002, "sc": 9003}
 TUBERCULOSIS = CodedConcept("56717001", "SCT", "Tuberculosis")
 
 
-def coding_schemes() -> list[CodingSchemeIdentificationItem]:
-    """Coding Scheme Identification for the non-standard scheme used (IHE's 99IHE)."""
-    return [CodingSchemeIdentificationItem(
+def coding_schemes(findings: Findings | None = None) -> list[CodingSchemeIdentificationItem]:
+    """Coding Scheme Identification for the non-standard schemes used: IHE's 99IHE, and
+    the private schemes of the ``findings``' concepts (``marks.private_schemes``)."""
+    items = [CodingSchemeIdentificationItem(
         designator="99IHE", name="IHE Coding Scheme",
         responsible_organization="IHE International")]
+    for scheme in private_schemes(findings) if findings is not None else ():
+        if scheme == "99IHE":
+            continue
+        name = PRIVATE_SCHEME_NAME if scheme == PRIVATE_SCHEME else "Model manifest codes"
+        items.append(CodingSchemeIdentificationItem(designator=scheme, name=name))
+    return items
 
 
 # Type 2 patient/study attributes highdicom reads from the referenced image.

@@ -2,8 +2,11 @@
 
 A viewer that renders GSPS shows the original image, windowed like the source (the
 source's VOI is copied; MONOCHROME1 gets an INVERSE presentation LUT so it keeps its
-look), with a graphic layer "AI": a closed box and a label per nodule, and the TB line
-at the top left. Coordinates are the source's full-resolution pixel coordinates.
+look), with a graphic layer "AI": a closed box and a label per nodule and per detection
+of another label a model declares ("Mass 0.82, 31 mm"; tracking UIDs shared with the
+SR), and at the top left the TB line, the nodule count and the other positive findings
+("REFER: Consolidation", "Also found: ..."). Coordinates are the source's
+full-resolution pixel coordinates.
 
 What the viewers tested here show of it (docs/CONFORMANCE.md): OHIF 3.13 and Orthanc's
 web viewer do not render presentation states at all. DCMTK's dcmp2pgm applies the
@@ -29,6 +32,8 @@ from edge.findings import Findings
 from . import common
 from .equipment import Equipment
 from .inputs import BuildInputs, prepare, with_fallback
+from .labels import other_lines
+from .marks import marks
 from .metadata import SourceMetadata, instance_number
 from .uids import result_series_uid
 
@@ -68,7 +73,7 @@ def _build(inputs: BuildInputs) -> hd.pr.GrayscaleSoftcopyPresentationState:
         layer_name=LAYER_NAME, order=1,
         description="AI findings" + (f" - {common.DEMO_NOTE}" if demo else ""),
     )
-    graphics, texts = _nodule_objects(inputs, rows, columns)
+    graphics, texts = _mark_objects(inputs, rows, columns)
     texts.extend(_summary_texts(findings, demo))
     annotation = hd.pr.GraphicAnnotation(
         referenced_images=[ref], graphic_layer=layer,
@@ -163,21 +168,22 @@ def _voi_from_lut(checked: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] 
     return [hd.pr.SoftcopyVOILUTTransformation(voi_luts=luts)]
 
 
-def _nodule_objects(inputs: BuildInputs, rows: int, columns: int,
-                    ) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
-    """A closed box and a label above it (below it at the top edge) per nodule."""
+def _mark_objects(inputs: BuildInputs, rows: int, columns: int,
+                  ) -> tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
+    """A closed box and a label above it (below it at the top edge) per nodule and per
+    other detection (``marks.marks``), with the tracking UIDs the SR's groups have."""
     graphics: list[hd.pr.GraphicObject] = []
     texts: list[hd.pr.TextObject] = []
     text_height = max(12.0, round(rows * 0.03))
-    for index, nodule in enumerate(inputs.findings.nodules, start=1):
-        box = common.clip_box(nodule.box, rows, columns)
+    for mark in marks(inputs.findings):
+        box = common.clip_box(mark.box, rows, columns)
         graphics.append(hd.pr.GraphicObject(
             graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
             graphic_data=common.box_polyline(box),
             units=hd.pr.AnnotationUnitsValues.PIXEL,
-            tracking_id=f"Nodule {index}", tracking_uid=inputs.tracking_uid(f"nodule-{index}"),
+            tracking_id=mark.identifier, tracking_uid=inputs.tracking_uid(mark.key),
         ))
-        label = common.nodule_label(nodule)
+        label = mark.label
         width = min(float(columns), max(box[2] - box[0], text_height * 0.6 * len(label)))
         left = min(box[0], columns - width)
         if box[1] >= text_height:                       # above the box
@@ -191,20 +197,23 @@ def _nodule_objects(inputs: BuildInputs, rows: int, columns: int,
             bounding_box=(round(left, 2), round(top, 2), round(left + width, 2),
                           round(bottom, 2)),
             text_justification=hd.pr.TextJustificationValues.LEFT,
-            tracking_id=f"Nodule {index} label",
-            tracking_uid=inputs.tracking_uid(f"nodule-{index}-label"),
+            tracking_id=f"{mark.identifier} label",
+            tracking_uid=inputs.tracking_uid(f"{mark.key}-label"),
         ))
     return graphics, texts
 
 
 def _summary_texts(findings: Findings, demo: bool) -> list[hd.pr.TextObject]:
-    """TB line at the top left of the displayed area, then the not-for-diagnosis note."""
+    """TB line at the top left of the displayed area, the nodules, the other positive
+    findings (at most two lines, ``labels.other_lines``), then the not-for-diagnosis
+    note."""
     lines = []
     tb_line = common.tb_label(findings)
     if tb_line is not None:
         lines.append(tb_line)
     lines.append(f"{len(findings.nodules)} nodule(s) marked" if findings.nodules
                  else "No nodules marked")
+    lines.extend(other_lines(findings))
     lines.append("AI result - not for diagnosis" + (" (demonstration model)" if demo else ""))
     texts = []
     for number, line in enumerate(lines):

@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
-from edge.findings import Findings, ModelInfo
+from edge.findings import Findings, ModelInfo, Other
 
 from .equipment import Equipment
 from .metadata import SourceMetadata, content_datetime, read_source
@@ -76,18 +76,28 @@ class BuildInputs:
         return result_uid(self.source_uid, digest, object_type)
 
     def tracking_uid(self, key: str) -> str:
-        """Tracking UID of the finding ``key`` (``"tb"``, ``"nodules"``, ``"nodule-1"``,
-        ``"nodule-1-label"``): changes when that finding or its model changes."""
+        """Tracking UID of the finding ``key``: ``"tb"``, ``"nodules"``, ``"nodule-<n>"``
+        (n from 1), ``"other-<i>"`` (``findings.others[i]``), each also with ``"-label"``
+        (its GSPS label). It changes when that finding or its model changes, and differs
+        between findings (the key is part of it)."""
         finding: object
+        kind, _, rest = key.partition("-")
+        index = int(rest.split("-")[0]) if rest else 0
         if key == "tb":
             finding = {"tb": self.findings.tb, "model": tb_model(self.findings)}
         elif key == "nodules":
             finding = {"count": len(self.findings.nodules),
                        "model": nodule_model(self.findings)}
-        else:
-            index = int(key.split("-")[1])
+        elif kind == "nodule":
             finding = {"index": index, "nodule": self.findings.nodules[index - 1],
                        "model": nodule_model(self.findings)}
+        elif kind == "other":
+            other = self.findings.others[index]
+            finding = {"index": index, "other": other,
+                       "model": next((m for m in self.findings.models
+                                      if m.name == other.model), None)}
+        else:
+            raise ValueError(f"tracking key {key!r} names no finding")
         digest = content_digest({"source": self.source_key,
                                  "finding": _plain(finding)})
         return tracking_uid(self.source_uid, digest, key)
@@ -120,7 +130,9 @@ def prepare(source: Dataset, findings: Findings, *, equipment: Equipment,
 def read_metadata(source: Dataset, findings: Findings, equipment: Equipment) -> SourceMetadata:
     """The source's checked metadata, with a character set that can also write the
     equipment's names and the models' names and versions."""
-    texts = [*equipment.texts(), *(t for m in findings.models for t in (m.name, m.version))]
+    texts = [*equipment.texts(), *(t for m in findings.models for t in (m.name, m.version)),
+             *(str(t) for o in findings.others
+               for t in (o.label, o.display, *(o.code or {}).values()))]
     return read_source(source, texts)
 
 
@@ -176,6 +188,46 @@ def _check_findings(findings: Findings, meta: SourceMetadata) -> None:
         if nodule.diameter_mm is not None and not nodule.diameter_mm > 0:
             raise ValueError(f"nodule {index} diameter_mm must be positive, got "
                              f"{nodule.diameter_mm!r}")
+    for index, other in enumerate(findings.others):
+        _check_other(f"findings.others[{index}]", other, rows, columns)
+
+
+_CODE_KEYS = ("value", "scheme", "meaning")
+
+
+def _check_other(name: str, other: Other, rows: int, columns: int) -> None:
+    """One finding beyond TB and nodules: named, scored, coded and boxed as reportable."""
+    if not isinstance(other, Other):
+        raise TypeError(f"{name} must be an edge.findings.Other, got {type(other).__name__}")
+    for field in ("label", "display"):
+        value = getattr(other, field)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name}.{field} must be a non-empty string, got {value!r}")
+    if other.kind not in ("classification", "detection"):
+        raise ValueError(f"{name}.kind must be 'classification' or 'detection', "
+                         f"got {other.kind!r}")
+    for field in ("score", "threshold"):
+        value = getattr(other, field)
+        if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
+            raise ValueError(f"{name}.{field} must be a probability in 0..1, got {value!r}")
+    if other.code is not None:
+        if not (isinstance(other.code, dict)
+                and all(isinstance(other.code.get(k), str) and other.code[k].strip()
+                        for k in _CODE_KEYS)):
+            raise ValueError(f"{name}.code must be None or a dict of non-empty strings "
+                             f"{_CODE_KEYS}, got {other.code!r}")
+        scheme = other.code["scheme"].strip()
+        if len(scheme) > 16 or not scheme.isascii() or "\\" in scheme:
+            raise ValueError(f"{name}.code scheme must be a coding scheme designator (at "
+                             f"most 16 characters), got {scheme!r}")
+    if other.kind == "detection":
+        if other.box is None:
+            raise ValueError(f"{name} is a detection without a box")
+        box = clip_box(other.box, rows, columns)
+        if box[0] == box[2] or box[1] == box[3]:
+            raise ValueError(f"{name}.box {other.box!r} is empty inside the image")
+    if other.diameter_mm is not None and not other.diameter_mm > 0:
+        raise ValueError(f"{name}.diameter_mm must be positive, got {other.diameter_mm!r}")
 
 
 def _plain(value: object) -> object:
@@ -198,13 +250,21 @@ def is_demonstration(findings: Findings) -> bool:
 
 
 def tb_model(findings: Findings) -> ModelInfo | None:
-    """The model that produced the TB result (name mentions TB), if listed."""
-    return _find_model(findings.models, ("tb", "tuberc"))
+    """The model that produced the TB result: the one it names, else one whose name
+    mentions TB, if listed."""
+    named = findings.tb.model if findings.tb is not None else ""
+    return _named(findings.models, named) or _find_model(findings.models, ("tb", "tuberc"))
 
 
 def nodule_model(findings: Findings) -> ModelInfo | None:
-    """The model that produced the nodules (name mentions nodule/detect), if listed."""
-    return _find_model(findings.models, ("nodule", "detect"))
+    """The model that produced the nodules: the one they name, else one whose name
+    mentions nodule/detect, if listed."""
+    named = next((n.model for n in findings.nodules if n.model), "")
+    return _named(findings.models, named) or _find_model(findings.models, ("nodule", "detect"))
+
+
+def _named(models: Sequence[ModelInfo], name: str) -> ModelInfo | None:
+    return next((m for m in models if name and m.name == name), None)
 
 
 def _find_model(models: Sequence[ModelInfo], hints: Sequence[str]) -> ModelInfo | None:
@@ -218,10 +278,10 @@ def _find_model(models: Sequence[ModelInfo], hints: Sequence[str]) -> ModelInfo 
 def clip_box(box: Sequence[float], rows: int, columns: int) -> tuple[float, float, float, float]:
     """A ``[x1, y1, x2, y2]`` box ordered and clipped to the image (0..columns, 0..rows)."""
     if len(box) != 4:
-        raise ValueError(f"nodule box must be [x1, y1, x2, y2], got {list(box)!r}")
+        raise ValueError(f"a box must be [x1, y1, x2, y2], got {list(box)!r}")
     x1, y1, x2, y2 = (float(v) for v in box)
     if not all(np.isfinite([x1, y1, x2, y2])):
-        raise ValueError(f"nodule box has a non-finite coordinate: {list(box)!r}")
+        raise ValueError(f"a box has a non-finite coordinate: {list(box)!r}")
     x1, x2 = sorted((min(max(x1, 0.0), columns), min(max(x2, 0.0), columns)))
     y1, y2 = sorted((min(max(y1, 0.0), rows), min(max(y2, 0.0), rows)))
     return round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)

@@ -1,13 +1,20 @@
-"""The words the result objects show: series descriptions, overlay labels, the demo note."""
+"""The words the result objects show: series descriptions, overlay labels, the demo note,
+and the summary lines of the findings beyond TB and nodules (English, as the rest)."""
 from __future__ import annotations
 
-from edge.findings import Findings, Nodule
+from collections.abc import Callable
+
+from edge.findings import Findings, Nodule, Other
 
 from .uids import OUTPUT_TYPES
 
-__all__ = ["DEMO_NOTE", "nodule_label", "series_description", "tb_label"]
+__all__ = ["DEMO_NOTE", "SUMMARY_CHARACTERS", "nodule_label", "other_label", "other_lines",
+           "series_description", "short_display", "tb_label"]
 
 DEMO_NOTE = "NOT FOR CLINICAL USE (demonstration model)"
+#: Longest summary line when the caller cannot measure text (about what fits the SC).
+SUMMARY_CHARACTERS = 60
+_DISPLAY_MAX = 40   # a display name in labels and tracking identifiers (LO: 64)
 
 
 def series_description(object_type: str, demo: bool) -> str:
@@ -33,3 +40,52 @@ def nodule_label(nodule: Nodule) -> str:
     if nodule.diameter_mm is not None:
         text += f", {nodule.diameter_mm:.0f} mm"
     return text
+
+
+def short_display(other: Other) -> str:
+    """The finding's display name, one line, at most 40 characters."""
+    text = " ".join(str(other.display).split()) or str(other.label).strip() or "Finding"
+    return text if len(text) <= _DISPLAY_MAX else text[:_DISPLAY_MAX - 3].rstrip() + "..."
+
+
+def other_label(other: Other) -> str:
+    """Short label of a detection for overlays: ``"Mass 0.82, 31 mm"`` (size when known)."""
+    text = f"{short_display(other)} {other.score:.2f}"
+    if other.diameter_mm is not None:
+        text += f", {other.diameter_mm:.0f} mm"
+    return text
+
+
+def other_lines(findings: Findings, fits: Callable[[str], bool] | None = None) -> list[str]:
+    """Summary lines of the other findings, at most two, each made to ``fits``
+    (default: at most ``SUMMARY_CHARACTERS``): ``"REFER: Consolidation, Mass"`` for the
+    positive findings that refer, then ``"Also found: Effusion 0.71, Mass (2 marked)"``
+    for the other positive ones; beyond what fits, ``"+N more"``. Empty when there is
+    nothing positive beyond TB and nodules."""
+    fits = fits or (lambda line: len(line) <= SUMMARY_CHARACTERS)
+    refer: list[str] = []
+    found: dict[str, int] = {}        # item -> number of marks (0: a classification)
+    for other in findings.others:
+        if not other.positive:
+            continue
+        name = short_display(other)
+        if other.refer:
+            if name not in refer:
+                refer.append(name)
+        elif other.kind == "detection":
+            found[name] = found.get(name, 0) + 1
+        else:
+            found.setdefault(f"{name} {other.score:.2f}", 0)
+    also = [f"{item} ({count} marked)" if count > 1 else item for item, count in found.items()]
+    return [_summary(prefix, items, fits)
+            for prefix, items in (("REFER: ", refer), ("Also found: ", also)) if items]
+
+
+def _summary(prefix: str, items: list[str], fits: Callable[[str], bool]) -> str:
+    """``prefix`` and as many ``items`` as fit, then ``"+N more"`` for the rest."""
+    for shown in range(len(items), 0, -1):
+        rest = len(items) - shown
+        line = prefix + ", ".join(items[:shown]) + (f", +{rest} more" if rest else "")
+        if fits(line):
+            return line
+    return f"{prefix}{len(items)} finding(s)"

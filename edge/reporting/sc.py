@@ -3,8 +3,10 @@
 8-bit MONOCHROME2 (the most widely displayed form), drawn from the handed ``unit_image``
 (the source windowed like the source, display polarity) at a size a radiologist can read:
 the image's long side is the handed image's, at least ``MIN_LONG_SIDE`` (1024 px) when
-the source is that large, never more than the source's nor ``max_side``. The banner
-"AI result - not for diagnosis" and the TB decision go above the image
+the source is that large, never more than the source's nor ``max_side``. The boxes and
+labels of the nodules and other detections are drawn on the image, and the banner
+"AI result - not for diagnosis", the TB decision, the nodule count and up to two lines
+of other positive findings ("REFER: ...", "Also found: ...") go above it
 (``annotate.annotate_image``), text sized to the image. The pixels are already windowed,
 so the window given is the full 8-bit range (center 128, width 256): viewers that would
 otherwise guess a window from the pixel range show it as drawn. Burned In Annotation is

@@ -2,19 +2,26 @@
 
 Content tree (``tid1500.MeasurementReport``), all referencing the source image:
 - Image Library: the source image;
-- Imaging Measurements: one planar ROI group (TID 1410) per nodule: the box as a closed
-  polyline in full-resolution pixel coordinates, finding "Nodule", the detector's
+- Imaging Measurements: one planar ROI group (TID 1410) per box (``marks.marks``): per
+  nodule, finding "Nodule", and per detection of another label a model declares (mass,
+  consolidation, ...), its coded concept, tracking identifier "<display> <n>"; each with
+  the box as a closed polyline in full-resolution pixel coordinates, the detector's
   "Certainty of Finding" (percent) and, when pixel spacing is known, the long axis (mm);
-  on an image without nodules, one "Nodules" group over the whole image instead, with
+  on an image without boxes, one "Nodules" group over the whole image instead, with
   "Nodule" absent (the region searched, nothing found; "TB" with its decision when no
-  nodule detector ran);
+  nodule detector ran, else the first other classification, referring ones first);
 - Qualitative Evaluations, about the whole image (TID 1500 rows 12-13):
   "Tuberculosis" present/absent at the configured threshold (the refer decision),
   inferred from the TB probability and the threshold (NUM, percent), and "Nodule"
-  present/absent.
+  present/absent; then, in the findings' order, each other classification present/absent
+  at its threshold (inferred from its probability and threshold, as TB's) and each other
+  detected concept present (once per concept and model). A finding that raises the refer
+  flag is therefore always a "present" evaluation here.
 Every group and evaluation names the model behind it (TID 4019). Measurement groups have
-a tracking identifier and a deterministic tracking UID (a nodule's is shared with the
-GSPS), and the finding site (lung) on their measurements.
+a tracking identifier and a deterministic tracking UID (shared with the GSPS's box), and
+the finding site (lung) on their measurements. A finding whose manifest gives no code is
+coded in the private scheme ``marks.PRIVATE_SCHEME`` (label and display name), declared
+in the Coding Scheme Identification Sequence with any other private scheme used.
 
 Why this layout: OHIF 3.x turns every measurement group into an annotation and reads its
 first image coordinate; an image-level group (TID 1501) has none and crashes its SR
@@ -42,11 +49,13 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from edge.findings import Findings, ModelInfo, Nodule
+from edge.findings import Findings, ModelInfo, Other
 
 from . import common
 from .equipment import Equipment, device_observer
 from .inputs import BuildInputs, prepare, with_fallback
+from .labels import short_display
+from .marks import Mark, finding_concept, marks, model_of
 from .metadata import SourceMetadata, instance_number
 from .tid1500 import Evaluation, Evidence, MeasurementReport
 from .uids import result_series_uid
@@ -111,8 +120,10 @@ def build_sr(source: Dataset, findings: Findings, *, equipment: Equipment = Equi
                             f"got {type(item).__name__}")
     inputs = prepare(source, findings, equipment=equipment, analysis_time=analysis_time,
                      source_digest=source_digest, meta=metadata)
-    if findings.tb is None and not findings.nodules and common.nodule_model(findings) is None:
-        raise ValueError("findings has neither a TB result nor a nodule model: nothing to report")
+    if (findings.tb is None and not findings.nodules and not findings.others
+            and common.nodule_model(findings) is None):
+        raise ValueError("findings has no TB result, no nodule model and no other finding: "
+                         "nothing to report")
     sr = with_fallback("sr", inputs, lambda i: _build(i, predecessors))
     logger.debug("built SR %s for %s", sr.SOPInstanceUID, inputs.source_uid)
     return sr
@@ -123,16 +134,21 @@ def _build(inputs: BuildInputs, predecessors: tuple[PredecessorDocument, ...],
     findings, equipment, when = inputs.findings, inputs.equipment, inputs.when
     ref = common.stand_in(inputs)   # what highdicom reads; see common.stand_in
     nodule_model = common.nodule_model(findings)
-    groups = [_nodule_group(inputs, ref, nodule, index, nodule_model)
-              for index, nodule in enumerate(findings.nodules, start=1)]
+    groups = [_mark_group(inputs, ref, mark) for mark in marks(findings)]
     evaluations = []
+    whole: _WholeImage | None = None    # what a whole-image group would show
     if findings.tb is not None:
         evaluations.append(_tb_evaluation(inputs))
+        whole = _WholeImage(evaluations[-1], "tb", "TB")
     if findings.nodules or nodule_model is not None:
         evaluations.append(Evaluation(codes.SCT.Nodule, _present(bool(findings.nodules)),
                                       algorithm=_algorithm(nodule_model)))
+        whole = _WholeImage(evaluations[-1], "nodules", "Nodules")
+    others = _other_evaluations(findings)
+    evaluations.extend(item.evaluation for item in others)
     if not groups:   # OHIF needs a group with a region to open the report
-        groups.append(_whole_image_group(inputs, ref, evaluations[-1]))
+        whole = whole or min(others, key=lambda item: item.rank)
+        groups.append(_whole_image_group(inputs, ref, whole))
     report = MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=device_observer(equipment)),
@@ -163,7 +179,7 @@ def _build(inputs: BuildInputs, predecessors: tuple[PredecessorDocument, ...],
         series_date=when.date(),
         series_time=when.time(),
         content_qualification="RESEARCH" if inputs.demo else "PRODUCT",
-        coding_schemes=common.coding_schemes(),
+        coding_schemes=common.coding_schemes(findings),
         previous_versions=[p.as_dataset() for p in predecessors] or None,
     )
     common.finish(sr, inputs)
@@ -187,6 +203,19 @@ def _present(flag: bool) -> CodedConcept:
     return codes.SCT.Present if flag else codes.SCT.Absent
 
 
+#: Findings whose site is the lung (SNOMED CT): nodule, pulmonary nodule, mass, lung
+#: consolidation, tuberculosis, pulmonary tuberculosis, atelectasis; DCM opacity. Others
+#: (pleural effusion, pneumothorax, cardiomegaly, a site's own labels) get no finding
+#: site rather than a wrong one.
+LUNG_FINDINGS = frozenset({("SCT", "27925004"), ("SCT", "786838002"), ("SCT", "4147007"),
+                           ("SCT", "95436008"), ("SCT", "56717001"), ("SCT", "154283005"),
+                           ("SCT", "46621007"), ("DCM", "112001")})
+
+
+def _in_lung(concept) -> bool:
+    return (str(concept.scheme_designator), str(concept.value)) in LUNG_FINDINGS
+
+
 def _lung() -> list[hd.sr.FindingSite]:
     return [hd.sr.FindingSite(codes.SCT.Lung)]
 
@@ -202,18 +231,57 @@ def _tb_evaluation(inputs: BuildInputs) -> Evaluation:
                        Evidence(codes.DCM.ThresholdValue, _percent(tb.threshold), PERCENT)))
 
 
-def _whole_image_group(inputs: BuildInputs, ref: Dataset, evaluation: Evaluation,
+@dataclass(frozen=True)
+class _WholeImage:
+    """A report-level evaluation that a whole-image group can show, with its names."""
+
+    evaluation: Evaluation
+    key: str            # tracking key (``BuildInputs.tracking_uid``)
+    identifier: str     # tracking identifier
+    rank: int = 0       # lower first: referring, then positive, then the others
+
+
+def _other_evaluations(findings: Findings) -> list[_WholeImage]:
+    """Each other classification present/absent at its threshold (with its probability
+    and threshold, as TB's), and each detected concept present, once per model."""
+    def detected(other: Other) -> tuple[str, str, str]:
+        concept = finding_concept(other)
+        return concept.value, concept.scheme_designator, other.model
+
+    present = {detected(o) for o in findings.other_detections if o.positive}
+    items: list[_WholeImage] = []
+    seen: set[tuple[str, str, str]] = set()
+    for index, other in enumerate(findings.others):
+        concept = finding_concept(other)
+        algorithm = _algorithm(model_of(findings, other))
+        if other.kind == "detection":
+            if detected(other) in seen:
+                continue
+            seen.add(detected(other))
+            evaluation = Evaluation(concept, _present(detected(other) in present),
+                                    algorithm=algorithm)
+        else:
+            evaluation = Evaluation(
+                concept, _present(other.positive), algorithm=algorithm,
+                inferred_from=(
+                    Evidence(codes.DCM.Probability, _percent(other.score), PERCENT),
+                    Evidence(codes.DCM.ThresholdValue, _percent(other.threshold), PERCENT)))
+        rank = 0 if other.refer else 1 if other.positive else 2
+        items.append(_WholeImage(evaluation, f"other-{index}", short_display(other), rank))
+    return items
+
+
+def _whole_image_group(inputs: BuildInputs, ref: Dataset, whole: _WholeImage,
                        ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """An image-level conclusion over the region it was drawn from, the whole image:
-    "Nodule" absent (the region searched), or "Tuberculosis" when no nodule detector ran.
-    Numbers stay with the report-level evaluation, so OHIF draws no label outside the
-    image."""
-    nodule = evaluation.name == codes.SCT.Nodule
+    "Nodule" absent (the region searched), or "Tuberculosis" when no nodule detector ran,
+    or another classification when neither ran. Numbers stay with the report-level
+    evaluation, so OHIF draws no label outside the image."""
+    evaluation = whole.evaluation
     whole_image = (0.0, 0.0, float(inputs.meta.columns), float(inputs.meta.rows))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=inputs.tracking_uid("nodules" if nodule else "tb"),
-            identifier="Nodules" if nodule else "TB"),
+            uid=inputs.tracking_uid(whole.key), identifier=whole.identifier),
         referenced_region=_region(whole_image, ref),
         finding_type=evaluation.name,
         algorithm_id=evaluation.algorithm,
@@ -222,23 +290,24 @@ def _whole_image_group(inputs: BuildInputs, ref: Dataset, evaluation: Evaluation
     )
 
 
-def _nodule_group(inputs: BuildInputs, ref: Dataset, nodule: Nodule, index: int,
-                  model: ModelInfo | None,
-                  ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    box = common.clip_box(nodule.box, inputs.meta.rows, inputs.meta.columns)
+def _mark_group(inputs: BuildInputs, ref: Dataset, mark: Mark,
+                ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One box: its finding, the detector's certainty and, when known, its long axis."""
+    box = common.clip_box(mark.box, inputs.meta.rows, inputs.meta.columns)
+    sites = _lung() if _in_lung(mark.finding_type) else None
     measurements = [hd.sr.Measurement(name=CERTAINTY_OF_FINDING,
-                                      value=_percent(nodule.score), unit=PERCENT,
-                                      finding_sites=_lung())]
-    if nodule.diameter_mm is not None:
+                                      value=_percent(mark.score), unit=PERCENT,
+                                      finding_sites=sites)]
+    if mark.diameter_mm is not None:
         measurements.append(hd.sr.Measurement(
-            name=codes.SCT.LongAxis, value=round(float(nodule.diameter_mm), 2),
-            unit=codes.UCUM.Millimeter, finding_sites=_lung()))
+            name=codes.SCT.LongAxis, value=round(float(mark.diameter_mm), 2),
+            unit=codes.UCUM.Millimeter, finding_sites=sites))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=inputs.tracking_uid(f"nodule-{index}"), identifier=f"Nodule {index}"),
+            uid=inputs.tracking_uid(mark.key), identifier=mark.identifier),
         referenced_region=_region(box, ref),
-        finding_type=codes.SCT.Nodule,
-        algorithm_id=_algorithm(model),
+        finding_type=mark.finding_type,
+        algorithm_id=_algorithm(mark.model),
         measurements=measurements,
     )
 

@@ -26,7 +26,7 @@ from edge.reporting.annotate import annotate_image
 logger = logging.getLogger(__name__)
 
 SIZES = {"thumb": 512, "full": 1024}
-RENDER_VERSION = "1"   # bump when the drawing changes, so cached files are redrawn
+RENDER_VERSION = "2"   # bump when the drawing changes, so cached files are redrawn
 MAX_CACHED_FILES = 4000   # about 0.3 GB; the oldest are removed beyond this (and re-rendered if asked)
 _PRUNE_EVERY = 50         # renders between two prunes
 

@@ -24,13 +24,41 @@ def delivery_word(states: set[str]) -> str:
 
 
 def tb_result(row: InstanceRow) -> str:
-    """The flag on the card: refer, no_signs, no_tb_result, skipped, failed, analyzing, received."""
+    """The flag on the card: refer, no_signs, no_tb_result, skipped, failed, analyzing, received.
+
+    "refer" when the TB screen is positive or any other finding refers (``Findings.refer``);
+    ``refer_reasons`` says which.
+    """
     if row.state != "analyzed":
         return row.state
-    tb = (row.findings or {}).get("tb")
-    if not tb:
-        return "no_tb_result"
-    return "refer" if tb.get("positive") else "no_signs"
+    findings = row.findings or {}
+    if refer_reasons(findings):
+        return "refer"
+    return "no_signs" if findings.get("tb") else "no_tb_result"
+
+
+def refer_reasons(findings: dict[str, Any]) -> list[str]:
+    """What raises the refer flag of stored findings, as ``Findings.refer_reasons`` says it:
+    "Tuberculosis" first when the TB screen is positive, then the display name of each
+    referring other finding (the journal keeps ``Findings.to_dict()``, without ``refer``)."""
+    tb = findings.get("tb") or {}
+    reasons = ["Tuberculosis"] if tb.get("positive") else []
+    for other in findings.get("others") or []:
+        display = other.get("display") or other.get("label") or "?"
+        if other.get("refer") and display not in reasons:
+            reasons.append(display)
+    return reasons
+
+
+def other_findings(findings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The findings beyond TB and nodules, as the board lists them: positive ones first."""
+    out = []
+    for other in findings.get("others") or []:
+        out.append({key: other.get(key) for key in
+                    ("label", "display", "kind", "score", "threshold", "positive", "refer",
+                     "diameter_mm", "diameter_px")})
+        out[-1]["display"] = out[-1]["display"] or out[-1]["label"] or "?"
+    return sorted(out, key=lambda o: (not o["positive"], not o["refer"]))
 
 
 def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool = False) -> dict[str, Any]:
@@ -38,6 +66,7 @@ def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool
     findings = row.findings or {}
     tb = findings.get("tb") or None
     analyzed = row.state == "analyzed"
+    reasons = refer_reasons(findings) if analyzed else []
     history = deliveries
     deliveries = [d for d in deliveries if d.current]   # objects of the latest analysis
     per_dest: dict[str, set[str]] = {}
@@ -60,6 +89,10 @@ def instance_view(row: InstanceRow, deliveries: list[DeliveryRow], *, full: bool
         "tb_score": tb.get("score") if tb else None,
         "tb_threshold": tb.get("threshold") if tb else None,
         "nodule_count": len(findings.get("nodules", [])) if analyzed else None,
+        "refer": bool(reasons),
+        "tb_positive": bool(analyzed and tb and tb.get("positive")),
+        "refer_reasons": reasons,
+        "other_findings": other_findings(findings) if analyzed else [],
         "demonstration": analyzed and any(not m.get("clinical_use", False) for m in findings.get("models", [])),
         "received_at": row.received_at,
         "analyzed_at": row.analyzed_at,

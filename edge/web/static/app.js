@@ -41,6 +41,36 @@
     return v.reason || "";
   }
   function busy(v) { return v.result === "analyzing" || v.result === "received"; }
+  // TB keeps its own words; a refer raised by other findings names them ("REFER: Mass").
+  function flagText(v) {
+    if (v.result === "refer" && !v.tb_positive && (v.refer_reasons || []).length) {
+      return t("refer_for").replace("{reasons}", v.refer_reasons.join(", "));
+    }
+    return t(RESULT_KEYS[v.result] || v.result);
+  }
+  function size(o) {
+    if (o.kind !== "detection") { return ""; }
+    if (o.diameter_mm) { return Number(o.diameter_mm).toFixed(1) + " mm"; }
+    return o.diameter_px ? Math.round(o.diameter_px) + " px" : "";
+  }
+  function findingClass(o) { return o.refer ? "finding-refer" : (o.positive ? "finding-positive" : "finding-negative"); }
+  // Positive other findings with score and size, then the negative ones in one muted line.
+  function othersText(v) {
+    var list = v.other_findings || [];
+    var pos = list.filter(function (o) { return o.positive; }).map(function (o) {
+      var s = size(o);
+      return '<span class="' + findingClass(o) + '">' + esc(o.display) + " " + score(o.score) +
+        (s ? " · " + esc(s) : "") + (o.refer ? " · " + esc(t("refers")) : "") + "</span>";
+    });
+    var neg = list.filter(function (o) { return !o.positive; }).map(function (o) {
+      return esc(o.display) + " " + score(o.score);
+    });
+    if (!pos.length) { pos.push('<span class="finding-negative">' + esc(t("none_found")) + "</span>"); }
+    if (neg.length) {
+      pos.push('<small class="finding-negative">' + esc(t("negative")) + ": " + neg.join(", ") + "</small>");
+    }
+    return pos.join("");
+  }
   function deliveryText(v) {
     var parts = Object.keys(v.delivery_by_destination).map(function (d) {
       var s = v.delivery_by_destination[d];
@@ -50,19 +80,27 @@
   }
 
   function card(v) {
-    var flag = (busy(v) ? '<span class="spinner"></span>' : "") + esc(t(RESULT_KEYS[v.result] || v.result));
+    var flag = (busy(v) ? '<span class="spinner"></span>' : "") + esc(flagText(v));
     var reason = reasonText(v);
     var facts = [
       '<div class="patient" id="latest-patient">' + esc(v.patient_name) + "</div>",
       '<div class="meta">' + esc(t("patient_id")) + ": " + esc(v.patient_id) + " · " + esc(time(v.received_at)) + "</div>",
     ];
     if (reason) { facts.push('<div class="reason">' + esc(reason) + "</div>"); }
+    if (v.tb_positive && (v.refer_reasons || []).length > 1) {
+      facts.push('<div class="reason" id="latest-refer-also">' +
+        esc(t("refer_also").replace("{reasons}", v.refer_reasons.slice(1).join(", "))) + "</div>");
+    }
     if (v.tb_score !== null) {
       facts.push('<div class="fact"><span>' + esc(t("tb_score")) + "</span><b>" + score(v.tb_score) +
         "</b> <small>(" + esc(t("threshold")) + " " + score(v.tb_threshold) + ")</small></div>");
     }
     if (v.nodule_count !== null) {
       facts.push('<div class="fact"><span>' + esc(t("nodules")) + "</span><b>" + esc(v.nodule_count) + "</b></div>");
+    }
+    if ((v.other_findings || []).length) {
+      facts.push('<div class="fact" id="latest-others"><span>' + esc(t("other_findings")) +
+        '</span><div class="others">' + othersText(v) + "</div></div>");
     }
     if (v.forwarding && v.forwarding !== "none") {
       facts.push('<div class="fact"><span>' + esc(t("image_to_pacs")) + '</span><span class="delivery-' +
@@ -85,11 +123,15 @@
     var reason = reasonText(v);
     if (reason) { state += ": " + esc(reason); }
     var result = v.state === "analyzed" ? '<span class="pill result-' + esc(v.result) + '">' +
-      esc(t(RESULT_KEYS[v.result])) + "</span> " : "";
+      esc(flagText(v)) + "</span> " : "";
+    var others = (v.other_findings || []).filter(function (o) { return o.positive; }).map(function (o) {
+      return '<span class="' + findingClass(o) + '">' + esc(o.display) + "</span>";
+    }).join(", ");
     return '<tr class="state-' + esc(v.state) + '"><td>' + esc(dateTime(v.received_at)) + "</td>" +
       '<td><a href="' + esc(v.detail_url) + '">' + esc(v.patient_name || "?") + "</a><br><small>" +
       esc(v.patient_id) + "</small></td><td>" + result + state + "</td><td>" + score(v.tb_score) +
-      "</td><td>" + (v.nodule_count === null ? "–" : esc(v.nodule_count)) + "</td><td>" + deliveryText(v) +
+      "</td><td>" + (v.nodule_count === null ? "–" : esc(v.nodule_count)) + "</td><td>" + (others || "–") +
+      "</td><td>" + deliveryText(v) +
       "</td><td><small>" + timings + "</small></td></tr>";
   }
 
