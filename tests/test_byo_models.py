@@ -12,6 +12,7 @@ classifier's manifest.
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 from pathlib import Path
 
@@ -178,9 +179,35 @@ def test_site_models_by_manifest_reach_the_pacs_with_their_findings_and_codes(tm
         labels = [t.UnformattedTextValue for layer in gsps.GraphicAnnotationSequence
                   for t in getattr(layer, "TextObjectSequence", [])]
         assert any("Mass" in t for t in labels) and any("consolidation" in t.lower() for t in labels)
+        _technician_sees_the_refer(server, tmp_path, str(ds.SOPInstanceUID))
     finally:
         server.stop()
         pacs.stop()
+
+
+def _technician_sees_the_refer(server: EdgeServer, tmp_path: Path, uid: str) -> None:
+    """The status page in Chromium: the refer flag names the finding that raised it, and
+    the other findings are listed (screenshot test-artifacts/site-models-board.png)."""
+    pytest.importorskip("playwright.sync_api")
+    from test_web_browser import CHROMIUM, StatusPage
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed (run `make test`, which installs it)")
+    match = re.search(r"Status page password \(shown only once, keep it\): (\S+)",
+                      server.log.read_text())
+    assert match, "edge serve printed no status page password"
+    with StatusPage(f"http://127.0.0.1:{server.web_port}", match.group(1),
+                    tmp_path / "profile") as page:
+        page.login()
+        page.wait_for_latest(uid, "REFER", timeout_s=15)
+        assert "Pleural effusion" in page.latest()["flag"]
+        shown = page.page.inner_text("#latest")
+        assert "Mass" in shown and "Lung consolidation" in shown, shown
+        page.page.wait_for_function("() => { const i = document.querySelector('#latest img');"
+                                    " return i && i.complete && i.naturalWidth > 0; }",
+                                    timeout=15_000)     # the thumbnail with the boxes
+        page.screenshot("site-models-board.png")
+        assert not page.console_errors, page.console_errors
 
 
 def test_a_broken_model_stops_the_start_unless_the_config_says_skip(tmp_path):
