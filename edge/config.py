@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .config_outbound import FhirConfig, ForwardRule, parse_fhir, parse_forward
 from .triage import TriageRules
 
 if sys.version_info >= (3, 11):
@@ -162,6 +163,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     destinations: tuple[Destination, ...] = ()
     modalities: tuple[ModalityConfig, ...] = ()
+    fhir: FhirConfig | None = None          # the EMR (edge.config_outbound)
+    forward: tuple[ForwardRule, ...] = ()   # referred images to a reading centre
     source: str | None = None   # the file it came from, for messages
 
     def __post_init__(self) -> None:
@@ -206,6 +209,11 @@ class Config:
             return Path(self.models.dir)
         from engines import DEFAULT_MODELS_DIR
         return Path(DEFAULT_MODELS_DIR)
+
+    @property
+    def forward_only(self) -> frozenset[str]:
+        """Destinations named by [[forward]] rules: they get only what the rules send."""
+        return frozenset(r.destination for r in self.forward)
 
     @property
     def source_destinations(self) -> tuple[Destination, ...]:
@@ -596,8 +604,8 @@ def _modalities(items: Any) -> tuple[ModalityConfig, ...]:
 
 
 _SECTIONS = {"node", "storage", "web", "models", "analysis", "identity", "triage", "delivery",
-             "logging", "destinations", "modalities"}
-_ARRAYS = {"destinations", "modalities"}
+             "logging", "destinations", "modalities", "fhir", "forward"}
+_ARRAYS = {"destinations", "modalities", "forward"}
 
 
 def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
@@ -609,6 +617,7 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
         if k in data and not isinstance(data[k], dict):
             raise ConfigError(f"{k}: expected a table [{k}]")
     node = _node(data.get("node", {}))
+    destinations = _destinations(data.get("destinations", []), node)
     return Config(
         node=node,
         storage=_storage(data.get("storage", {})),
@@ -619,8 +628,10 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
         triage=_triage(data.get("triage", {})),
         delivery=_delivery(data.get("delivery", {})),
         logging=_logging(data.get("logging", {})),
-        destinations=_destinations(data.get("destinations", []), node),
+        destinations=destinations,
         modalities=_modalities(data.get("modalities", [])),
+        fhir=parse_fhir(data.get("fhir"), ConfigError, _existing_file),
+        forward=parse_forward(data.get("forward", []), destinations, ConfigError),
         source=source,
     )
 

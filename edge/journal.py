@@ -113,6 +113,7 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("deliveries", "replaced_at", "REAL"),
     ("deliveries", "unconfirmed_at", "REAL"),
     ("instances", "recovered", "INTEGER NOT NULL DEFAULT 0"),
+    ("deliveries", "rule", "TEXT"),
 )
 
 
@@ -188,6 +189,7 @@ class DeliveryRow:
     sent_at: float | None
     replaced_at: float | None = None   # a newer analysis of the image replaced this object
     unconfirmed_at: float | None = None   # sent (or maybe sent) without a recorded answer
+    rule: str | None = None   # the [[forward]] rule that sent it there (None: every image)
 
     @property
     def current(self) -> bool:
@@ -201,7 +203,7 @@ class DeliveryRow:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "id", "object_type", "result_uid", "destination", "state", "attempts",
-            "last_error", "created_at", "next_attempt_at", "sent_at", "replaced_at")}
+            "last_error", "created_at", "next_attempt_at", "sent_at", "replaced_at", "rule")}
 
 
 @dataclass(frozen=True)
@@ -463,13 +465,15 @@ class Journal(CommitmentRecords):
 
     def complete_analysis(self, sop_instance_uid: str, *, findings: dict[str, Any],
                           timings_ms: dict[str, float],
-                          plan: Iterable[tuple[str, str, str, str]],
+                          plan: Iterable[tuple],
                           local_destination: str | None = None,
                           now: float | None = None) -> None:
         """Mark an instance analyzed AND queue its result objects, in one transaction.
 
-        ``plan`` holds (object_type, result_uid, path, destination) for files already
-        written durably. Rows for ``local_destination`` (the results folder, used when no
+        ``plan`` holds (object_type, result_uid, path, destination[, rule]) for files
+        already written durably; ``rule`` names the [[forward]] rule that sends it there.
+        A "source" entry (the image itself, forwarded by a rule) is queued only if that
+        destination never had it: an image is forwarded once, whatever reanalyses follow. Rows for ``local_destination`` (the results folder, used when no
         destination is configured) are recorded as sent.
         """
         now = time.time() if now is None else now
@@ -498,19 +502,27 @@ class Journal(CommitmentRecords):
                        f" WHERE sop_instance_uid=? AND replaced_at IS NULL AND object_type != 'source'"
                        f" AND result_uid NOT IN ({marks})",
                        (now, now, sop_instance_uid, *new_uids))
-            for object_type, result_uid, path, dest in rows:
+            for object_type, result_uid, path, dest, *more in rows:
+                rule = more[0] if more else None
+                if object_type == SOURCE:   # an image forwarded by a rule: once, ever
+                    db.execute(
+                        "INSERT OR IGNORE INTO deliveries (sop_instance_uid, object_type, result_uid,"
+                        " path, destination, state, created_at, updated_at, next_attempt_at, rule)"
+                        " VALUES (?,?,?,?,?,'pending',?,?,?,?)",
+                        (sop_instance_uid, SOURCE, result_uid, path, dest, now, now, now, rule))
+                    continue
                 local = dest == local_destination
                 db.execute(
                     "INSERT INTO deliveries (sop_instance_uid, object_type, result_uid, path,"
                     " destination, state, created_at, updated_at, next_attempt_at, sent_at,"
-                    " unconfirmed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                    " unconfirmed_at, rule) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (result_uid, destination) DO UPDATE SET path=excluded.path,"
                     " state=excluded.state, attempts=0, last_error=NULL, created_at=excluded.created_at,"
                     " next_attempt_at=excluded.next_attempt_at, updated_at=excluded.updated_at,"
-                    " replaced_at=NULL, unconfirmed_at=excluded.unconfirmed_at",
+                    " replaced_at=NULL, unconfirmed_at=excluded.unconfirmed_at, rule=excluded.rule",
                     (sop_instance_uid, object_type, result_uid, path, dest,
                      "sent" if local else "pending", now, now, now, now if local else None,
-                     None if local else unconfirmed))
+                     None if local else unconfirmed, rule))
 
     def resume_interrupted(self) -> int:
         """On start: instances left in ``analyzing`` go back to ``received``."""

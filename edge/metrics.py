@@ -33,7 +33,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.
 STAGES = ("store", "decode", "preprocess", "tb", "nodule", "report", "deliver")
 DELIVERY_OUTCOMES = ("sent", "retry", "gave_up")
 #: What a delivery row carries: the received image itself (router mode) or a result object.
-OBJECT_TYPES = ("source", "sr", "gsps", "sc")
+OBJECT_TYPES = ("source", "sr", "gsps", "sc", "fhir")
 FINISHED_STATES = ("analyzed", "skipped", "failed")
 COMMITMENT_OUTCOMES = ("requested", "committed", "failures", "undeliverable")
 #: Kinds of findings (``edge.findings.Other.kind``).

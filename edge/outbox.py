@@ -31,6 +31,7 @@ from dicom_node.scu import Peer, SendOutcome, instance_present, make_client_ssl_
 from dicom_node.transcode import native_copy
 
 from .config import Config, Destination
+from .config_outbound import FhirConfig
 from .journal import DeliveryRow, Journal
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class Outbox:
         self.journal = journal
         self.metrics = metrics
         self._peer_factory = peer_factory or self._peer
-        self._wake = {d.name: threading.Event() for d in config.destinations}
+        self._wake = {d.name: threading.Event() for d in self._targets()}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._failing: dict[str, str] = {}   # destination -> why it fails, while it does
@@ -71,6 +72,10 @@ class Outbox:
     def _peer(self, dest: Destination) -> Peer:
         return destination_peer(self.config, dest)
 
+    def _targets(self) -> list:
+        """Every sender's target: the DICOM destinations and the EMR (``[fhir]``)."""
+        return [*self.config.destinations, *([self.config.fhir] if self.config.fhir else [])]
+
     def on_progress(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every batch a sender has recorded."""
         self._on_progress.append(callback)
@@ -85,7 +90,7 @@ class Outbox:
                                "(tls_verify = false); anyone on the network path can pose as "
                                "the PACS and receive patient data. Set tls_ca to verify it",
                                dest.name, dest.host, dest.port)
-        for dest in self.config.destinations:
+        for dest in self._targets():
             t = threading.Thread(target=self._run, args=(dest,), name=f"outbox-{dest.name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -106,7 +111,7 @@ class Outbox:
 
     def _give_up_unknown_destinations(self) -> None:
         """Deliveries to a destination removed from the config cannot be sent: say so."""
-        known = {d.name for d in self.config.destinations}
+        known = {d.name for d in self._targets()}
         from .pipeline import LOCAL_DESTINATION
         for row in self.journal.due_deliveries(now=float("inf"), limit=10000, source_first=False):
             if row.destination not in known and row.destination != LOCAL_DESTINATION:
@@ -143,6 +148,8 @@ class Outbox:
         """Send ``rows`` over one association and record each outcome as it arrives. Returns
         how long to wait before the next batch: the backoff when the PACS could not be
         reached at all."""
+        if isinstance(dest, FhirConfig):
+            return self._send_fhir(dest, rows)
         paths = [self.config.storage_dir / r.path for r in rows]
         missing = [r for r, p in zip(rows, paths) if not p.exists()]
         for r in missing:
@@ -206,6 +213,40 @@ class Outbox:
         self._count(dest.name, "retry", row.object_type)
         batch.pause = max(batch.pause, delay)
 
+    def _send_fhir(self, emr: FhirConfig, rows: list[DeliveryRow]) -> float:
+        """POST each transaction to the EMR, in order. A resend after an interruption is
+        safe: every entry is a conditional update on a stable identifier. A refusal of
+        the content (4xx other than 408/429) is given up at once with the EMR's message."""
+        from .fhir_client import post_transaction
+
+        batch = _Batch()
+        for row in rows:
+            path = self.config.storage_dir / row.path
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                self.journal.mark_delivery_failed(row.id, f"FHIR bundle unreadable ({exc.strerror or exc})",
+                                                  retry_at=None, path=row.path)
+                self._count(emr.name, "gave_up", row.object_type)
+                continue
+            self.journal.mark_in_flight([row.id])
+            started = time.perf_counter()
+            outcome = post_transaction(emr, data)
+            if outcome.permanent:
+                logger.error("the EMR %s refused the FHIR results of an image (not retried): %s",
+                             emr.name, outcome.message)
+                self.journal.mark_delivery_failed(row.id, outcome.message, retry_at=None, path=row.path)
+                self._count(emr.name, "gave_up", row.object_type)
+                continue
+            status = 0 if outcome.delivered else outcome.status
+            self._record_outcome(emr, row, SendOutcome(outcome.delivered, status, outcome.message), batch)
+            if outcome.delivered:
+                self._record_delivered({row.sop_instance_uid}, (time.perf_counter() - started) * 1000.0)
+            elif outcome.status is None:   # unreachable: the rest waits for the backoff
+                break
+        self._note_state(emr, batch.failures, delivered=bool(batch.delivered))
+        return batch.pause if batch.failures and not batch.delivered else 0.0
+
     def _confirm_unknown(self, dest: Destination, rows: list[DeliveryRow]) -> list[DeliveryRow]:
         """Objects whose earlier send has no recorded answer (the box stopped mid-send, or
         the journal was rebuilt) are looked up at the PACS first (C-FIND), so that it does
@@ -247,9 +288,11 @@ class Outbox:
         if failures and not delivered:
             if dest.name not in self._failing:
                 self._failing[dest.name] = failures[0][1]
-                logger.warning("delivery to %s (%s@%s:%d) is failing: %s; retrying with backoff "
-                               "(up to %.0f s) until it works again", dest.name, dest.ae_title,
-                               dest.host, dest.port, failures[0][1], self.config.delivery.max_backoff_s)
+                where = (dest.base_url if isinstance(dest, FhirConfig)
+                         else f"{dest.ae_title}@{dest.host}:{dest.port}")
+                logger.warning("delivery to %s (%s) is failing: %s; retrying with backoff "
+                               "(up to %.0f s) until it works again", dest.name, where,
+                               failures[0][1], self.config.delivery.max_backoff_s)
             return
         if delivered and dest.name in self._failing:
             reason = self._failing.pop(dest.name)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from .config import OUTPUT_TYPES, Config
 from .findings import Findings
-from .journal import InstanceRow, Journal
+from .journal import SOURCE, InstanceRow, Journal
 from .storage import write_all_durably
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,11 @@ class Pipeline:
                 equipment=self._equipment, sent_srs=self._sent_srs(job.row)):
             files[self.config.storage_dir / rel] = data
             objects.append((kind, uid, rel))
+        if self.config.fhir is not None:   # the EMR's transaction, durable with the rest
+            kind, uid, rel, data = fhir_result(job.source, findings, self.config.fhir,
+                                               equipment=self._equipment, received_at=job.row.received_at)
+            files[self.config.storage_dir / rel] = data
+            objects.append((kind, uid, rel))
         try:
             write_all_durably(files)
         except OSError as exc:
@@ -203,10 +208,7 @@ class Pipeline:
         timings["report"] = report_ms
         timings["analysis_total"] = (time.perf_counter() - job.started) * 1000.0
         findings.timings_ms = timings
-        if self.config.destinations:
-            plan = [(o, d.name) for o in objects for d in self.config.destinations if o[0] in d.outputs]
-        else:
-            plan = [(o, LOCAL_DESTINATION) for o in objects]
+        plan = delivery_plan(self.config, job.row, findings, objects)
         self._complete(job.row, findings, timings, plan)
         self.last_progress = time.time()
         if self.metrics is not None:
@@ -261,8 +263,7 @@ class Pipeline:
     def _complete(self, row: InstanceRow, findings: Findings, timings: dict, plan: list) -> None:
         self.journal.complete_analysis(
             row.sop_instance_uid, findings=findings.to_dict(), timings_ms=timings,
-            plan=[(kind, uid, rel, dest) for (kind, uid, rel), dest in plan],
-            local_destination=LOCAL_DESTINATION)
+            plan=plan, local_destination=LOCAL_DESTINATION)
 
     def _finish(self, row: InstanceRow, state: str, reason: str | None,
                 findings: Findings | None = None) -> None:
@@ -316,6 +317,47 @@ def encode_results(source, findings: Findings, unit_image, outputs, *, received_
         rel = f"results/{ds.StudyInstanceUID}/{kind}_{ds.SOPInstanceUID}.dcm"
         out.append((kind, str(ds.SOPInstanceUID), rel, _encode(ds)))
     return out
+
+
+def fhir_result(source, findings: Findings, fhir, *, equipment, received_at: float,
+                ) -> tuple[str, str, str, bytes]:
+    """The EMR's FHIR transaction for one analysed image: (type, bundle id, path relative
+    to the storage dir, bytes); the same result gives the same bytes (issued = the time
+    the image was received, as the DICOM objects' content time)."""
+    from .fhir import BUNDLE_KIND, build_bundle
+
+    issued = datetime.datetime.fromtimestamp(received_at)
+    bundle_id, data = build_bundle(source, findings, config=fhir, equipment=equipment, issued=issued)
+    study = str(source.get("StudyInstanceUID", "") or "unknown-study")
+    return BUNDLE_KIND, bundle_id, f"results/{study}/fhir_{bundle_id}.json", data
+
+
+def delivery_plan(config, row: InstanceRow, findings: Findings, objects: list) -> list[tuple]:
+    """(object_type, result_uid, path, destination[, rule]) for the journal: each result to
+    every destination that takes it, except those only [[forward]] rules feed; the FHIR
+    transaction to the EMR; and, when a rule matches, the image itself and its results to
+    the rule's destination (with the rule's name). Without any destination, the results
+    folder."""
+    from .fhir import BUNDLE_KIND
+
+    dicom = [o for o in objects if o[0] != BUNDLE_KIND]
+    plan: list[tuple] = []
+    if config.fhir is not None:
+        plan += [(*o, config.fhir.name) for o in objects if o[0] == BUNDLE_KIND]
+    if not config.destinations:
+        return plan + [(*o, LOCAL_DESTINATION) for o in dicom]
+    forward_only = config.forward_only
+    plan += [(*o, d.name) for o in dicom for d in config.destinations
+             if o[0] in d.outputs and d.name not in forward_only]
+    routed: set[str] = set()
+    for rule in config.forward:
+        if rule.destination in routed or not rule.matches(findings):
+            continue
+        routed.add(rule.destination)
+        dest = config.destination(rule.destination)
+        plan.append((SOURCE, row.sop_instance_uid, row.path, dest.name, rule.name))
+        plan += [(*o, dest.name, rule.name) for o in dicom if o[0] in dest.outputs]
+    return plan
 
 
 def _encode(ds) -> bytes:

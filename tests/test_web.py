@@ -591,6 +591,36 @@ def test_a_forwarded_image_is_a_delivery_of_type_source(logged_in):
     assert analysed["forwarding"] == "none"      # not routed
 
 
+def test_emr_and_forwarding_rule_deliveries_are_shown(logged_in):
+    """A FHIR transaction to the EMR and an image forwarded by a [[forward]] rule are
+    listed per destination with the rule's name (English and Vietnamese)."""
+    client, journal, storage = logged_in["client"], logged_in["journal"], logged_in["config"].storage_dir
+    uid = add_instance(journal, storage, "received")
+    row = journal.find_instance(uid)
+    journal.claim_next_instance()
+    journal.complete_analysis(uid, findings={}, timings_ms={}, plan=[
+        ("fhir", "b1", "results/fhir_b1.json", "emr"),
+        ("source", uid, row.path, "centre", "tb-to-province"),
+        ("sr", "2.25.7", "results/sr.dcm", "centre", "tb-to-province")])
+    emr = [d for d in journal.deliveries_for(uid) if d.destination == "emr"][0]
+    journal.mark_delivery_failed(emr.id, "HTTP 422 from the EMR: error: no Patient", retry_at=None)
+    page = client.get(f"/instances/{uid}").get_data(as_text=True)
+    assert "<td>emr</td><td>fhir</td>" in page and "HTTP 422 from the EMR: error: no Patient" in page
+    assert page.count("(rule: tb-to-province)") == 2
+    client.get(f"/lang/vi?next=/instances/{uid}")
+    vi = client.get(f"/instances/{uid}").get_data(as_text=True)
+    client.get(f"/lang/en?next=/instances/{uid}")
+    assert "(quy tắc: tb-to-province)" in vi
+    # a second analysis does not queue the forwarded image again
+    journal.mark_delivery_sent([d for d in journal.deliveries_for(uid) if d.is_source][0].id)
+    journal.requeue_instance(uid)
+    journal.claim_next_instance()
+    journal.complete_analysis(uid, findings={}, timings_ms={}, plan=[
+        ("source", uid, row.path, "centre", "tb-to-province")])
+    sources = [d for d in journal.deliveries_for(uid) if d.is_source]
+    assert [(d.state, d.rule) for d in sources] == [("sent", "tb-to-province")]
+
+
 # ---------------------------------------------------------------------------- other findings
 
 MASS_CODE = {"value": "4147007", "scheme": "SCT", "meaning": "Mass"}
