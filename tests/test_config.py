@@ -1,6 +1,9 @@
 """Configuration: defaults run, bad values stop the start naming the key."""
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from conftest import write_config
@@ -118,3 +121,17 @@ def test_router_mode_settings(tmp_path):
     assert cfg.modality("DX_ROOM1").host == "10.0.0.7" and cfg.modality("OTHER") is None
     assert cfg.node.commitment == "forwarded" and cfg.node.commitment_report_port == 104
     assert Config().node.commitment == "stored" and Config().source_destinations == ()
+
+
+def test_the_readme_configuration_is_valid(tmp_path):
+    """The configuration example users copy from the README loads (files it names are
+    stood in by temporary ones)."""
+    import re
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    data = tomllib.loads(block)
+    stand_in = tmp_path / "token"
+    stand_in.write_text("t\n")
+    data["fhir"]["token_file"] = str(stand_in)
+    cfg = config_from_dict(data)
+    assert cfg.destinations and cfg.fhir is not None and cfg.fhir.bearer_token() == "t"
