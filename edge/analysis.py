@@ -33,9 +33,6 @@ logger = logging.getLogger(__name__)
 #: Short names for timings and logs, by model task (the first model of each task; further
 #: models are timed under their own names).
 SHORT_NAMES = {"classification": "tb", "detection": "nodule"}
-#: The TB region is the connected area around the hottest heatmap cell at or above this
-#: fraction of the peak value.
-TB_REGION_FRACTION = 0.5
 
 
 @dataclass
@@ -232,36 +229,6 @@ def _sized(box: Any, image: ImageForModels) -> tuple[list[float] | None, float |
 def model_input_side(models: Mapping[str, LoadedModel]) -> int:
     """The largest input side of the models: images are decoded at least that far."""
     return max(max(m.manifest.input.height, m.manifest.input.width) for m in models.values())
-
-
-def hot_region(heatmap: np.ndarray, full_rows: int, full_cols: int,
-               fraction: float = TB_REGION_FRACTION) -> list[float] | None:
-    """Bounding box, in full-resolution pixels, of the hottest connected heatmap area.
-
-    The area is the 4-connected set of cells around the maximum whose value is at least
-    ``fraction`` of it; the heatmap covers the whole image (stretched).
-    """
-    heat = np.asarray(heatmap, dtype=np.float32)
-    heat = heat.reshape(heat.shape[-2], heat.shape[-1])
-    peak = float(heat.max()) if heat.size else 0.0
-    if not np.isfinite(peak) or peak <= 0.0:
-        return None
-    hot = heat >= peak * fraction
-    start = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    seen = np.zeros_like(hot)
-    stack = [start]
-    seen[start] = True
-    h, w = heat.shape
-    r0, r1, c0, c1 = start[0], start[0], start[1], start[1]
-    while stack:
-        r, c = stack.pop()
-        r0, r1, c0, c1 = min(r0, r), max(r1, r), min(c0, c), max(c1, c)
-        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
-            if 0 <= nr < h and 0 <= nc < w and hot[nr, nc] and not seen[nr, nc]:
-                seen[nr, nc] = True
-                stack.append((nr, nc))
-    sx, sy = full_cols / w, full_rows / h
-    return [round(c0 * sx, 2), round(r0 * sy, 2), round((c1 + 1) * sx, 2), round((r1 + 1) * sy, 2)]
 
 
 def format_findings(findings: Findings) -> str:
