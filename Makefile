@@ -3,16 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-webviewer chromium prometheus shellcheck systemd sqlite3 curl logrotate npm
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-webviewer chromium prometheus shellcheck systemd sqlite3 curl logrotate npm poppler-utils
 # command each package provides, to skip apt when everything is present
-APT_COMMANDS = storescu dciodvfy Orthanc chromium prometheus shellcheck systemd-analyze sqlite3 curl logrotate npm
+APT_COMMANDS = storescu dciodvfy Orthanc chromium prometheus shellcheck systemd-analyze sqlite3 curl logrotate npm pdftoppm
 # files of the packages that provide no command (Orthanc's DICOMweb and web viewer plugins)
 APT_FILES = /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/share/orthanc/plugins/libOrthancWebViewer.so
 # the prebuilt OHIF viewer the viewer tests serve (npm package @ohif/app), unpacked once
 OHIF_VERSION = 3.13.2
 OHIF_DIR     = .cache/ohif-$(OHIF_VERSION)
 
-.PHONY: help venv install install-test system-packages ohif-dist demo serve test test-fast bench models clean
+.PHONY: help venv install install-test system-packages ohif-dist triton-server demo serve test test-fast bench models clean
 
 help:
 	@echo "make demo   - set up, start the appliance and send it sample chest X-rays (Ctrl-C stops)"
@@ -58,13 +58,26 @@ $(OHIF_DIR)/dist/index.html:
 	else rm -rf $(OHIF_DIR).part; \
 	  echo "OHIF viewer: npm pack @ohif/app@$(OHIF_VERSION) failed; the OHIF viewer tests will skip"; fi
 
+# A real Triton Inference Server for tests/test_triton.py: the nvidia-pytriton wheel's
+# tritonserver (CPU, Python backend) in its own venv, because the wheel pins numpy < 2;
+# installed once into .cache/ (gitignored). Without it the Triton server tests skip.
+TRITON_VENV = .cache/triton-venv
+triton-server: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed:
+	@rm -rf $(TRITON_VENV) && $(PYTHON) -m venv $(TRITON_VENV) && \
+	if $(TRITON_VENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" onnxruntime "numpy<2"; then \
+	  touch $@ && echo "Triton test server: installed into $(TRITON_VENV)"; \
+	else rm -rf $(TRITON_VENV); \
+	  echo "Triton test server: pip install nvidia-pytriton failed; the Triton server tests will skip"; fi
+
 demo: install
 	$(VENV)/bin/edge demo
 
 serve: install
 	$(VENV)/bin/edge serve
 
-test: system-packages install-test ohif-dist
+test: system-packages install-test ohif-dist triton-server
 	$(PY) -m pytest -q
 
 test-fast: install-test

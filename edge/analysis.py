@@ -98,8 +98,14 @@ class Analyzer:
 
     @property
     def model_infos(self) -> list[ModelInfo]:
-        return [ModelInfo(name=m.manifest.name, version=m.manifest.version, backend=m.backend,
-                          clinical_use=m.manifest.clinical_use) for m in self.models.values()]
+        return self._model_infos({})
+
+    def _model_infos(self, used: Mapping[str, str]) -> list[ModelInfo]:
+        """``used``: the backend that produced this image's outputs, by model name (with
+        Triton it may be the local fallback); else the model's current backend."""
+        return [ModelInfo(name=m.manifest.name, version=m.manifest.version,
+                          backend=used.get(name, m.backend), clinical_use=m.manifest.clinical_use)
+                for name, m in self.models.items()]
 
     def prepare(self, path_or_ds: str | Path | Dataset) -> Prepared:
         """Triage, decode and preprocess; raises ImagingError for unreadable files or pixels."""
@@ -152,10 +158,12 @@ class Analyzer:
         image = prepared.image
         timings = {k: v for k, v in prepared.timings_ms.items() if k != "prepare"}
         decoded: list[Finding] = []
+        used: dict[str, str] = {}
         for name, model in self.models.items():
             t = time.perf_counter()
             with self._locks[name]:
                 outputs = model.run(prepared.tensors[name])
+                used[name] = getattr(model, "last_backend", None) or model.backend
             timings[self.short_names[name]] = (time.perf_counter() - t) * 1000.0
             decoded.extend(to_full_image(decode_findings(outputs, self._manifests[name]),
                                          prepared.geometries[name]))
@@ -164,7 +172,7 @@ class Analyzer:
         return Findings(
             sop_instance_uid=prepared.sop_instance_uid, eligible=True, tb=tb, nodules=nodules,
             others=others, timings_ms={k: round(v, 2) for k, v in timings.items()},
-            models=self.model_infos, rows=image.full_rows, columns=image.full_cols,
+            models=self._model_infos(used), rows=image.full_rows, columns=image.full_cols,
             pixel_spacing_mm=list(image.pixel_spacing_mm) if image.pixel_spacing_mm else None)
 
     def analyze(self, path_or_ds: str | Path | Dataset) -> Findings:
@@ -269,13 +277,13 @@ def format_findings(findings: Findings) -> str:
 
 
 def analyze_main(path: str, *, as_json: bool, models_dir: Path, backend: str,
-                 tb_threshold: float | None, triage_rules: TriageRules) -> int:
+                 tb_threshold: float | None, triage_rules: TriageRules, triton: Any = None) -> int:
     """``edge analyze FILE``: print the findings; 0 when analyzed or skipped, 1 on errors."""
     from engines.manifest import ManifestError, ModelIntegrityError
     from engines.runners.base import RunnerError
 
     try:
-        models = _load_models(models_dir, backend)
+        models = _load_models(models_dir, backend, triton)
     except (ManifestError, ModelIntegrityError, RunnerError, OSError, ValueError) as exc:
         print(f"error: cannot load the models from {models_dir}: {exc}", file=sys.stderr)
         return 1
@@ -298,7 +306,7 @@ def analyze_main(path: str, *, as_json: bool, models_dir: Path, backend: str,
     return 0
 
 
-def _load_models(models_dir: Path, backend: str) -> dict[str, Any]:
+def _load_models(models_dir: Path, backend: str, triton: Any = None) -> dict[str, Any]:
     from engines.store import load_models
 
-    return load_models(Path(models_dir), backend)
+    return load_models(Path(models_dir), backend, triton=triton)

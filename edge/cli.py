@@ -1,4 +1,4 @@
-"""The ``edge`` command: serve, demo, analyze, jobs, echo, engines, models.
+"""The ``edge`` command: serve, demo, analyze, jobs, calibrate, echo, engines, models.
 
 ``main(args=None)`` with an argparse builder, so tests call it with an argv list.
 """
@@ -60,9 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check: integrity and what the spool holds that the journal lacks; "
                         "rebuild: replace a damaged journal and recover every stored image it lacks")
 
-    p = sub.add_parser("echo", help="C-ECHO a configured destination")
+    p = sub.add_parser("calibrate", help="set the TB threshold on local confirmatory results: ROC AUC, "
+                       "threshold table with intervals, report; --apply writes it to the config")
     _add_config(p)
-    p.add_argument("destination", help="destination name from the config")
+    p.add_argument("outcomes", metavar="OUTCOMES.csv",
+                   help="one row per person: accession_number, or patient_id and study_date; result "
+                        "(positive/negative)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--target-sensitivity", type=_fraction, default=0.9, metavar="S",
+                      help="the highest threshold with at least this sensitivity (default 0.9)")
+    rule.add_argument("--max-referral-rate", type=_fraction, default=None, metavar="R",
+                      help="the lowest threshold that refers at most this share of people")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: <storage.dir>/calibration)")
+    p.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
+    p.add_argument("--apply", action="store_true",
+                   help="write the threshold to the config file (--config) with an audit entry")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("echo", help="C-ECHO a configured destination, or check the Triton server "
+                       "(`edge echo triton`)")
+    _add_config(p)
+    p.add_argument("destination", help="destination name from the config, or 'triton'")
 
     p = sub.add_parser("models", help="model folders: check one before installing it")
     _add_config(p)
@@ -74,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     from engines import commands as engine_commands
     engine_commands.add_arguments(p)
     return parser
+
+
+def _fraction(text: str) -> float:
+    """A share between 0 and 1 (exclusive of 0); "90%" is read as 0.9."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.9 or 90%, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def setup_logging(config: Config) -> None:
@@ -124,7 +153,7 @@ def cmd_analyze(ns, config: Config) -> int:
     logging.basicConfig(level=logging.WARNING)
     return analyze_main(ns.file, as_json=ns.json, models_dir=config.models_dir,
                         backend=config.models.backend, tb_threshold=config.models.tb_threshold,
-                        triage_rules=config.triage)
+                        triage_rules=config.triage, triton=_triton_settings(config))
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -219,6 +248,8 @@ def cmd_echo(ns, config: Config) -> int:
     from dicom_node.scu import echo
 
     from .outbox import destination_peer
+    if ns.destination == "triton" and not any(d.name == "triton" for d in config.destinations):
+        return echo_triton(config)
     dest = config.destination(ns.destination)
     peer = destination_peer(config, dest, timeout_s=min(config.delivery.timeout_s, 15.0))
     started = time.perf_counter()
@@ -230,6 +261,47 @@ def cmd_echo(ns, config: Config) -> int:
     print(f"{dest.name}: FAILED - {outcome.message}. Check the PACS is running and knows "
           f"AE title {peer.calling_ae_title} at this box's address.", file=sys.stderr)
     return 1
+
+
+def _triton_settings(config: Config):
+    from engines.runners.triton_runner import TritonSettings
+    return TritonSettings.from_config(config.models)
+
+
+def echo_triton(config: Config) -> int:
+    """``edge echo triton``: the server answers, and each installed model is ready on it
+    and matches its manifest (name, version, sha256); 0 when all is well, else 1."""
+    from engines.manifest import load_manifest
+    from engines.runners.triton_runner import TritonSettings, check_server
+    from engines.store import model_folders
+
+    settings = TritonSettings.from_config(config.models)
+    if settings is None:
+        raise ConfigError("models.triton_url: not set; `edge echo triton` checks the Triton server "
+                          "of [models] backend = \"triton\"")
+    manifests = [load_manifest(f) for f in model_folders(config.models_dir)]
+    result = check_server(settings, manifests)
+    where = f"Triton at {settings.url} ({settings.protocol})"
+    if not result["reachable"]:
+        print(f"{where}: FAILED - {result['error'] or 'not live'}. Check the server runs and this "
+              "box can reach it; meanwhile the box analyses locally"
+              + ("" if settings.fallback else " (no: triton_fallback is off, images wait)"), file=sys.stderr)
+        return 1
+    print(f"{where}: OK ({result['round_trip_ms']:.0f} ms)")
+    ok = True
+    for m in result["models"]:
+        if m["ready"]:
+            print(f"  {m['name']} {m['version']}: ready, matches the manifest")
+        else:
+            ok = False
+            print(f"  {m['name']} {m['version']}: REFUSED - {m['error']}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_calibrate(ns, config: Config) -> int:
+    from .calibration_report import calibrate_main
+    logging.basicConfig(level=logging.WARNING)
+    return calibrate_main(ns, config)
 
 
 def cmd_engines(ns, config: Config) -> int:
@@ -252,6 +324,7 @@ _COMMANDS = {
     "jobs": cmd_jobs,
     "journal": cmd_journal,
     "echo": cmd_echo,
+    "calibrate": cmd_calibrate,
     "engines": cmd_engines,
     "models": cmd_models,
 }

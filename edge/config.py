@@ -28,7 +28,8 @@ OUTPUT_TYPES = ("sr", "gsps", "sc")          # result objects the box makes
 SOURCE = "source"                            # the received image itself, forwarded as is
 DESTINATION_OUTPUTS = (SOURCE, *OUTPUT_TYPES)
 COMMITMENT_MODES = ("off", "stored", "forwarded")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "triton")
+TRITON_PROTOCOLS = ("grpc", "http")
 PRECISIONS = ("fp16", "fp32", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")   # default character repertoire, no backslash
@@ -116,6 +117,17 @@ class ModelsConfig:
     precision: str = "fp16"               # TensorRT engines: fp16, fp32 (no TF32) or int8
     calibration_dir: str | None = None    # INT8: folder of .npy model-input tensors
     skip_broken: bool = False             # True: run on the models that load, refuse the others
+    # backend "triton": a shared Triton Inference Server (docs/DEPLOY.md, Province hub)
+    triton_url: str | None = None         # host:port (gRPC 8001, HTTP 8000 by default)
+    triton_protocol: str = "grpc"         # or "http"
+    triton_timeout_s: float = 5.0         # a slower answer falls back to local onnxruntime
+    triton_retry_s: float = 10.0          # after a failure, Triton is tried again after this
+    triton_fallback: bool = True          # False: images wait for Triton instead
+    triton_tls: bool = False
+    triton_ca: str | None = None          # CA bundle of the server certificate
+    triton_cert: str | None = None        # client certificate and key (mutual TLS)
+    triton_key: str | None = None
+    triton_headers: tuple[tuple[str, str], ...] = ()   # sent with every request (auth proxy, API key)
 
 
 @dataclass(frozen=True)
@@ -176,7 +188,8 @@ class Config:
         object.__setattr__(self, "storage", replace(self.storage, dir=_absolute(self.storage.dir)))
         object.__setattr__(self, "models", replace(
             models, dir=_absolute(models.dir), engine_cache_dir=_absolute(models.engine_cache_dir),
-            calibration_dir=_absolute(models.calibration_dir)))
+            calibration_dir=_absolute(models.calibration_dir), triton_ca=_absolute(models.triton_ca),
+            triton_cert=_absolute(models.triton_cert), triton_key=_absolute(models.triton_key)))
         object.__setattr__(self, "node", replace(
             node, tls_cert=_absolute(node.tls_cert), tls_key=_absolute(node.tls_key),
             tls_ca=_absolute(node.tls_ca)))
@@ -469,7 +482,11 @@ def _models(d: dict) -> ModelsConfig:
         kw["calibration_dir"] = _opt_path("models.calibration_dir", d["calibration_dir"])
         if kw["calibration_dir"] and not Path(kw["calibration_dir"]).expanduser().is_dir():
             raise ConfigError(f"models.calibration_dir: folder {kw['calibration_dir']!r} does not exist")
+    kw.update(_triton_keys(d))
     out = ModelsConfig(**kw)
+    if out.backend == "triton" and not out.triton_url:
+        raise ConfigError("models.triton_url: backend 'triton' needs the server address, "
+                          "e.g. triton_url = \"triton.hospital.lan:8001\" (gRPC)")
     if out.precision == "int8" and not out.calibration_dir:
         raise ConfigError("models.precision: int8 needs models.calibration_dir (a folder of .npy "
                           "model-input tensors); without one use fp16")
@@ -477,6 +494,45 @@ def _models(d: dict) -> ModelsConfig:
         raise ConfigError(f"models.calibration_dir: a calibration set is only used with precision "
                           f"int8, not {out.precision}")
     return out
+
+
+def _triton_keys(d: dict) -> dict[str, Any]:
+    """The ``[models] triton_*`` keys."""
+    kw: dict[str, Any] = {}
+    if "triton_url" in d:
+        url = _check_type("models.triton_url", d["triton_url"], str, "host:port")
+        if "://" in url:
+            raise ConfigError(f"models.triton_url: {url!r}: give host:port without a scheme "
+                              "(set triton_protocol and triton_tls instead)")
+        if not re.fullmatch(r"[A-Za-z0-9.\-]{1,253}:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}", url):
+            raise ConfigError(f"models.triton_url: {url!r} is not host:port")
+        kw["triton_url"] = url
+    if "triton_protocol" in d:
+        kw["triton_protocol"] = _choice("models.triton_protocol", d["triton_protocol"], TRITON_PROTOCOLS)
+    if "triton_timeout_s" in d:
+        kw["triton_timeout_s"] = _float_range("models.triton_timeout_s", d["triton_timeout_s"], 0.0, 600.0,
+                                              open_lo=True)
+    if "triton_retry_s" in d:
+        kw["triton_retry_s"] = _float_range("models.triton_retry_s", d["triton_retry_s"], 0.0, 3600.0)
+    for k in ("triton_fallback", "triton_tls"):
+        if k in d:
+            kw[k] = _check_type(f"models.{k}", d[k], bool, "true or false")
+    for k in ("triton_ca", "triton_cert", "triton_key"):
+        if k in d:
+            kw[k] = _existing_file(f"models.{k}", d[k])
+    if "triton_headers" in d:
+        headers = _check_type("models.triton_headers", d["triton_headers"], dict,
+                              "a table of header names and values")
+        for name, value in headers.items():
+            if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", name):
+                raise ConfigError(f"models.triton_headers.{name}: not an HTTP header name")
+            _check_type(f"models.triton_headers.{name}", value, str, "a string")
+        kw["triton_headers"] = tuple((k.lower(), v) for k, v in headers.items())
+    if bool(kw.get("triton_cert")) != bool(kw.get("triton_key")):
+        raise ConfigError("models.triton_cert and models.triton_key: set both for mutual TLS, or neither")
+    if (kw.get("triton_ca") or kw.get("triton_cert")) and not kw.get("triton_tls"):
+        raise ConfigError("models.triton_tls: set it to true to use triton_ca / triton_cert")
+    return kw
 
 
 def _triage(d: dict) -> TriageRules:

@@ -136,6 +136,7 @@ class HealthMonitor:
                  service_problems: Callable[[], list[str]] = lambda: [],
                  notices: Callable[[], list[str]] = lambda: [],
                  last_progress: Callable[[], float | None] = lambda: None,
+                 triton: Callable[[], dict[str, Any] | None] | None = None,
                  interval_s: float = 30.0, echo_timeout_s: float = 5.0) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s: must be > 0, got {interval_s}")
@@ -148,6 +149,8 @@ class HealthMonitor:
         self.service_problems = service_problems
         self.notices = notices
         self.last_progress = last_progress
+        self.triton = triton          # backend "triton": the server check (slow, cached)
+        self._triton: dict[str, Any] | None = None
         self.interval_s = float(interval_s)
         self.echo_timeout_s = float(echo_timeout_s)
         self._lock = threading.Lock()
@@ -208,8 +211,16 @@ class HealthMonitor:
                 ok = False
             with self._lock:
                 self._destinations[dest.name] = self._dest_entry(dest, ok, time.time())
+        triton = None
+        if self.triton is not None:
+            try:
+                triton = self.triton()
+            except Exception as exc:   # noqa: BLE001 - a bad answer never stops the checks
+                logger.info("Triton check failed: %s", exc)
+                triton = {"reachable": False, "error": str(exc), "models": [], "round_trip_ms": None}
         platform = read_platform()
         with self._lock:
+            self._triton = triton
             self._platform = platform
             self._checked_at = time.time()
 
@@ -218,6 +229,7 @@ class HealthMonitor:
         with self._lock:
             destinations = [dict(d) for d in self._destinations.values()]
             platform = dict(self._platform)
+            triton = None if self._triton is None else dict(self._triton)
             checked_at = self._checked_at
         problems: list[str] = []
         try:
@@ -256,6 +268,14 @@ class HealthMonitor:
         for d in destinations:
             if d["reachable"] is False:
                 problems.append(f"destination_unreachable:{d['name']}")
+        if triton is not None:
+            if not triton.get("reachable"):
+                problems.append("triton_unreachable")
+            for m in triton.get("models", []):
+                if m.get("mismatch"):
+                    problems.append(f"triton_model_mismatch:{m.get('name')}")
+                elif triton.get("reachable") and not m.get("ready"):
+                    problems.append(f"triton_model_not_ready:{m.get('name')}")
         disk = self._disk()
         if disk.get("low"):
             problems.append("disk_low")
@@ -267,7 +287,7 @@ class HealthMonitor:
         return {"listener_up": listener, "destinations": destinations, "queues": queues,
                 "oldest_pending_delivery_s": oldest, "oldest_waiting_analysis_s": waiting,
                 "disk": disk, "models": self.models,
-                "platform": platform, "checked_at": checked_at, "now": time.time(),
+                "platform": platform, "triton": triton, "checked_at": checked_at, "now": time.time(),
                 "ok": not problems, "problems": problems,
                 "critical": [p for p in problems if is_critical(p)], "notices": notices}
 

@@ -29,18 +29,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .journal_commitments import COMMITMENT_SCHEMA, COMMITMENT_STATES, CommitmentRecords, CommitmentRow
+from .journal_screening import CALIBRATION_SCHEMA, CalibrationRow, ScreeningRecords
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Journal", "InstanceRow", "DeliveryRow", "NewInstance", "CommitmentRow", "COMMITMENT_STATES",
            "INSTANCE_STATES", "FINAL_INSTANCE_STATES", "DELIVERY_STATES", "SOURCE", "SCHEMA_VERSION",
-           "check_integrity"]
+           "check_integrity", "CalibrationRow"]
 
 INSTANCE_STATES = ("received", "analyzing", "analyzed", "skipped", "failed")
 FINAL_INSTANCE_STATES = ("analyzed", "skipped", "failed")
 DELIVERY_STATES = ("pending", "retrying", "sent", "gave_up", "superseded")
 SOURCE = "source"    # object_type of a forwarded received image
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4   # 4: calibrations (edge.journal_screening)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -96,7 +97,7 @@ CREATE TABLE IF NOT EXISTS instance_versions (
     replaced_at        REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instance_versions_uid ON instance_versions(sop_instance_uid);
-""" + COMMITMENT_SCHEMA
+""" + COMMITMENT_SCHEMA + CALIBRATION_SCHEMA
 
 # A result row waits while the source row of its image to the same destination is not yet
 # sent (router mode, ``source_first``): part of every "what is due" query, so the order
@@ -223,7 +224,7 @@ class NewInstance:
     modality: str = ""
 
 
-class Journal(CommitmentRecords):
+class Journal(CommitmentRecords, ScreeningRecords):
     """SQLite journal shared by all threads of the appliance."""
 
     def __init__(self, path: str | Path):

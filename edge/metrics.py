@@ -42,6 +42,8 @@ FINDING_KINDS = ("classification", "detection")
 TB_LABEL, NODULE_LABEL = "tuberculosis", "nodule"
 #: Distinct finding labels kept; labels come from installed manifests, so this is generous.
 MAX_FINDING_LABELS = 64
+#: TB screen scores (drift: their distribution against the calibration's), in steps of 0.05.
+TB_SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
 # Skip reasons are free text written by triage; metrics and the status page use these
 # categories. Order matters: the first pattern that matches wins.
@@ -156,6 +158,34 @@ class Metrics:
                                 " to refer: TB screen positive or any referring finding",
                                 registry=self.registry)
         self._finding_label = BoundedLabel("finding label", MAX_FINDING_LABELS)
+        # TB screening programme: figures per calling AE (room or van), score drift, threshold
+        self.tb_score = Histogram("edge_tb_score", "TB screen scores of analysed images",
+                                  buckets=TB_SCORE_BUCKETS, registry=self.registry)
+        self.ae_analyzed = Counter("edge_screening_analyzed", "Images analysed, by calling AE",
+                                   ["calling_ae"], registry=self.registry)
+        self.ae_skipped = Counter("edge_screening_skipped", "Images not analysed, by calling AE"
+                                  " and reason category", ["calling_ae", "reason"], registry=self.registry)
+        self.ae_failed = Counter("edge_screening_failed", "Images whose analysis failed, by calling AE",
+                                 ["calling_ae"], registry=self.registry)
+        self.ae_referred = Counter("edge_screening_referred", "Analysed images the technician is told"
+                                   " to refer, by calling AE", ["calling_ae"], registry=self.registry)
+        self.ae_nodules = Counter("edge_screening_nodules_flagged", "Analysed images with at least one"
+                                  " nodule, by calling AE", ["calling_ae"], registry=self.registry)
+        self.tb_threshold = Gauge("edge_tb_threshold", "TB screen threshold in force (score >= it"
+                                  " refers)", registry=self.registry)
+        self.tb_threshold_calibrated = Gauge("edge_tb_threshold_calibrated", "1 when the threshold in"
+                                             " force was set by an applied local calibration",
+                                             registry=self.registry)
+        self.tb_expected = {bound: Gauge(f"edge_tb_expected_referral_rate{suffix}", f"{what} of the TB"
+                                         " positive rate the applied calibration expects at this"
+                                         " threshold (NaN when not calibrated: no alert)", registry=self.registry)
+                            for bound, suffix, what in (("rate", "", "Point estimate"),
+                                                        ("lower", "_lower", "Lower bound (95%)"),
+                                                        ("upper", "_upper", "Upper bound (95%)"))}
+        self.set_tb_screen(None)   # NaN until the app says: no band, so no drift alert
+        for ae in sorted(self._calling_ae._seen):   # the configured rooms and vans, from the start
+            for counter in (self.ae_analyzed, self.ae_failed, self.ae_referred, self.ae_nodules):
+                counter.labels(calling_ae=ae)
         self.model_info = Gauge("edge_model_info", "Loaded models (value is always 1)",
                                 ["name", "version", "backend"], registry=self.registry)
         for stage in STAGES:   # series exist from the start, so rate() and p95 work at once
@@ -166,14 +196,23 @@ class Metrics:
     def instance_received(self, calling_ae: str) -> None:
         self.received.labels(calling_ae=self._calling_ae.value(calling_ae)).inc()
 
-    def instance_finished(self, state: str, reason: str | None = None) -> None:
-        """Count a final state; ``reason`` (free text) is used only for skipped instances."""
+    def instance_finished(self, state: str, reason: str | None = None, *,
+                          calling_ae: str | None = None) -> None:
+        """Count a final state; ``reason`` (free text) is used only for skipped instances;
+        with ``calling_ae``, the per-room figures (``edge_screening_*``) count it too."""
+        ae = self._calling_ae.value(calling_ae) if calling_ae is not None else None
         if state == "analyzed":
             self.analyzed.inc()
+            if ae is not None:
+                self.ae_analyzed.labels(calling_ae=ae).inc()
         elif state == "skipped":
             self.skipped.labels(reason=skip_reason_category(reason)).inc()
+            if ae is not None:
+                self.ae_skipped.labels(calling_ae=ae, reason=skip_reason_category(reason)).inc()
         elif state == "failed":
             self.failed.inc()
+            if ae is not None:
+                self.ae_failed.labels(calling_ae=ae).inc()
         else:
             raise ValueError(f"state: {state!r} is not one of {', '.join(FINISHED_STATES)}")
 
@@ -183,8 +222,17 @@ class Metrics:
         for label, kind in declared:
             self._finding_series(label, kind)
 
-    def findings_observed(self, findings: "Findings") -> None:
-        """Count an analysed image's positive findings (once per label) and its refer."""
+    def findings_observed(self, findings: "Findings", *, calling_ae: str | None = None) -> None:
+        """Count an analysed image's positive findings (once per label), its refer and its
+        TB score; with ``calling_ae``, its refer and nodules per room as well."""
+        if findings.tb is not None:
+            self.tb_score.observe(min(1.0, max(0.0, float(findings.tb.score))))
+        if calling_ae is not None:
+            ae = self._calling_ae.value(calling_ae)
+            if findings.refer:
+                self.ae_referred.labels(calling_ae=ae).inc()
+            if findings.nodules:
+                self.ae_nodules.labels(calling_ae=ae).inc()
         positive: set[tuple[str, str]] = set()
         if findings.tb is not None and findings.tb.positive:
             positive.add((TB_LABEL, "classification"))
@@ -195,6 +243,19 @@ class Metrics:
             self._finding_series(label, kind).inc()
         if findings.refer:
             self.referred.inc()
+
+    def set_tb_screen(self, threshold: float | None, *, calibrated: bool = False,
+                      expected: dict[str, float] | None = None) -> None:
+        """The TB threshold in force and, when a calibration set it, the positive rate it
+        expects (``{"rate", "lower", "upper"}``): what the drift alert compares with."""
+        self.tb_threshold.set(float("nan") if threshold is None else threshold)
+        self.tb_threshold_calibrated.set(1.0 if calibrated else 0.0)
+        for bound, gauge in self.tb_expected.items():
+            value = (expected or {}).get(bound)
+            if value is None:
+                gauge.set(float("nan"))
+            else:
+                gauge.set(value)
 
     def _finding_series(self, label: str, kind: str):
         return self.findings.labels(label=self._finding_label.value(label),
@@ -232,6 +293,11 @@ class Metrics:
                 except KeyError as exc:
                     raise ValueError(f"models[{i}]: missing key {exc.args[0]!r}") from None
                 self.model_info.labels(**labels).set(1)
+
+    def watch_triton(self, stats: Callable[[], dict[str, Any]]) -> None:
+        """Export each model's Triton runs, fallbacks and round trips at scrape time
+        (``stats()``: model name -> ``engines.runners.triton_runner.TritonStats``)."""
+        self.registry.register(TritonCollector(stats))
 
     def watch_journal(self, journal: "Journal", storage_dir: str | Path, *,
                       destinations: Iterable[str] = (),
@@ -324,6 +390,58 @@ class JournalCollector(Collector):
             yield from _health_families(self._health())
 
 
+class TritonCollector(Collector):
+    """Runs by backend, fallbacks by reason and Triton round trips of each model."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
+
+        try:
+            stats = dict(self._stats())
+        except Exception:   # a scrape must not fail
+            logger.exception("metrics: could not read the Triton statistics")
+            return
+        runs = CounterMetricFamily("edge_model_runs", "Model runs by the backend that produced the"
+                                   " outputs (triton, or onnxruntime: the local fallback)",
+                                   labels=["model", "backend"])
+        fallbacks = CounterMetricFamily("edge_triton_fallbacks", "Runs Triton did not serve, by"
+                                        " reason (unreachable, timeout, error, mismatch): run on"
+                                        " local onnxruntime, or (triton_fallback = false) the"
+                                        " image waits", labels=["model", "reason"])
+        rtt = SummaryMetricFamily("edge_triton_round_trip_seconds", "Round trip of one model's"
+                                  " tensors to Triton and back", labels=["model"])
+        for name, st in sorted(stats.items()):
+            model = _safe_label(name, "model")
+            for backend, n in sorted(st.runs.items()):
+                runs.add_metric([model, _safe_label(backend, "backend")], n)
+            for reason, n in sorted(st.fallbacks.items()):
+                fallbacks.add_metric([model, _safe_label(reason, "reason")], n)
+            rtt.add_metric([model], st.round_trip_count, st.round_trip_sum_s)
+        yield runs
+        yield fallbacks
+        yield rtt
+
+
+def _triton_families(triton: dict[str, Any]):
+    """Triton reachability, model readiness and probe round trip from the health check."""
+    yield GaugeMetricFamily("edge_triton_up", "The Triton server answered the last health check"
+                            " (1) or not (0)", value=1.0 if triton.get("reachable") else 0.0)
+    if triton.get("round_trip_ms") is not None:
+        yield GaugeMetricFamily("edge_triton_probe_round_trip_seconds", "Round trip of the last"
+                                " Triton liveness check", value=float(triton["round_trip_ms"]) / 1000.0)
+    ready = GaugeMetricFamily("edge_triton_model_ready", "The model is ready on Triton and matches"
+                              " the manifest (1), else 0", labels=["model"])
+    for m in triton.get("models", []):
+        ready.add_metric([_safe_label(str(m.get("name", "")), "model")], 1.0 if m.get("ready") else 0.0)
+    yield ready
+
+
 def _health_families(snap: dict[str, Any]):
     """Listener, destination reachability and temperatures from a HealthMonitor snapshot."""
     up = snap.get("listener_up")
@@ -354,6 +472,8 @@ def _health_families(snap: dict[str, Any]):
     for sensor in snap.get("platform", {}).get("temperatures", []):
         temps.add_metric([sensor["name"]], sensor["celsius"])
     yield temps
+    if snap.get("triton"):
+        yield from _triton_families(snap["triton"])
     util = snap.get("platform", {}).get("gpu_utilization_percent")
     if util is not None:
         yield GaugeMetricFamily("edge_gpu_utilization_percent", "GPU utilization", value=util)

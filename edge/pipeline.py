@@ -180,10 +180,21 @@ class Pipeline:
                 self._fail_unexpected(job.row, "analyzing the image", exc)
 
     def _infer(self, job: _Job) -> None:
+        from engines.runners.triton_runner import TritonUnavailable
+
         self.journal.begin_inference(job.row.sop_instance_uid)
-        findings: Findings = self.analyzer.infer(job.prepared)
+        try:
+            findings: Findings = self.analyzer.infer(job.prepared)
+        except TritonUnavailable as exc:
+            # [models] triton_fallback = false: the image waits for Triton, it is not failed
+            logger.warning("Triton unavailable, %s waits: %s", job.row.sop_instance_uid, exc)
+            self.journal.defer_instance(job.row.sop_instance_uid,
+                                        "waiting for the Triton inference server",
+                                        retry_at=time.time() + max(TRITON_RETRY_S,
+                                                                   self.config.models.triton_retry_s))
+            return
         findings.timings_ms.pop("total", None)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         objects, files = [], {}
         for kind, uid, rel, data in encode_results(
                 job.source, findings, job.prepared.image.unit_image, self.outputs,
@@ -215,8 +226,8 @@ class Pipeline:
             for stage, ms in timings.items():
                 if stage in ("decode", "preprocess", "tb", "nodule", "report"):
                     self.metrics.observe_stage(stage, ms / 1000.0)
-            self.metrics.instance_finished("analyzed")
-            self.metrics.findings_observed(findings)
+            self.metrics.instance_finished("analyzed", calling_ae=job.row.calling_ae)
+            self.metrics.findings_observed(findings, calling_ae=job.row.calling_ae)
         tb = findings.tb
         # refer reasons are the models' display names, never patient data
         logger.info("analyzed %s: %s, TB %s, %d nodule(s), %d other positive finding(s), %.0f ms",
@@ -273,7 +284,12 @@ class Pipeline:
                                      findings=findings.to_dict() if findings else None,
                                      timings_ms=findings.timings_ms if findings else None)
         if self.metrics is not None:
-            self.metrics.instance_finished(state, reason)
+            self.metrics.instance_finished(state, reason, calling_ae=row.calling_ae)
+
+
+#: Without local fallback, an image that Triton could not analyse is tried again this late
+#: at the earliest ([models] triton_retry_s when longer).
+TRITON_RETRY_S = 1.0
 
 
 #: The secondary capture is drawn from the decoded image at this size at least (its shorter

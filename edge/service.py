@@ -173,6 +173,7 @@ class Appliance:
     def _start_analysis(self) -> None:
         from engines.manifest import ManifestError
         from engines.runners.base import RunnerError
+        from engines.runners.triton_runner import TritonSettings
         from engines.store import ModelIntegrityError, load_models
 
         from .analysis import Analyzer, model_input_side
@@ -184,7 +185,8 @@ class Appliance:
                                       precision=cfg.models.precision,
                                       calibration_dir=cfg.models.calibration_dir,
                                       build_in_background=True, on_switch=self._model_switched,
-                                      refused=self.refused_models if cfg.models.skip_broken else None)
+                                      refused=self.refused_models if cfg.models.skip_broken else None,
+                                      triton=TritonSettings.from_config(cfg.models))
         except (ManifestError, ModelIntegrityError, RunnerError, OSError) as exc:
             hint = "" if cfg.models.skip_broken else (
                 " (check it with `edge models check DIR`; [models] skip_broken = true runs on "
@@ -198,6 +200,8 @@ class Appliance:
                                  metrics=self.metrics, on_results=lambda: self.outbox and self.outbox.wake())
         self.metrics.set_model_info(self.model_info())
         self.metrics.declare_findings(declared_findings(self.models))
+        if cfg.models.backend == "triton":
+            self.metrics.watch_triton(self.triton_stats)
 
     def _decoder(self, name: str) -> IsolatedDecoder:
         """A pixel decoder process (see edge.decoder) with the configured limits."""
@@ -210,6 +214,37 @@ class Appliance:
         return [{"name": m.manifest.name, "version": m.manifest.version, "backend": m.backend}
                 for m in self.models.values()]
 
+    def triton_check(self) -> dict | None:
+        """Triton reachability, model readiness and round-trip time (backend "triton"), for
+        the health monitor's slow checks; with the runs and fallbacks of each model."""
+        from engines.runners.triton_runner import TritonSettings, check_server
+
+        settings = TritonSettings.from_config(self.config.models)
+        if settings is None or self.config.models.backend != "triton":
+            return None
+        out = check_server(settings, [m.manifest for m in self.models.values()])
+        for entry in out["models"]:
+            model = self.models.get(entry["name"])
+            runner = getattr(model, "runner", None)
+            if runner is not None and hasattr(runner, "stats"):
+                entry["backend"] = runner.name
+                entry["problem"] = runner.problem
+        return out
+
+    def _triton_health(self) -> dict | None:
+        """The health monitor's Triton check; the model info series follow the backend in
+        use (Triton, or the local fallback)."""
+        if self.config.models.backend != "triton":
+            return None
+        out = self.triton_check()
+        self.metrics.set_model_info(self.model_info())
+        return out
+
+    def triton_stats(self) -> dict:
+        """Per model: runs by backend, fallbacks by reason, round trips (for /metrics)."""
+        return {name: m.runner.stats for name, m in self.models.items()
+                if hasattr(m.runner, "stats")}
+
     def _model_switched(self, model) -> None:
         """A background engine build finished: the model now runs on TensorRT."""
         self.metrics.set_model_info(self.model_info())
@@ -221,7 +256,7 @@ class Appliance:
         listener_up = lambda: bool(self.scp and self.scp.accepting)   # noqa: E731
         self.health = HealthMonitor(self.config, self.journal, models=self.model_info,
                                     listener_up=listener_up, service_problems=self.service_problems,
-                                    notices=self.notices,
+                                    notices=self.notices, triton=self._triton_health,
                                     last_progress=lambda: self.pipeline and self.pipeline.last_progress
                                     ).start()
         app = create_app(self.config, self.journal, self.metrics, health=self.health,
@@ -281,6 +316,10 @@ class Appliance:
             if m.building:
                 out.append(f"{m.name}: the TensorRT {m.precision} engine is being built; "
                            f"analysing with {m.backend} until it is ready")
+            elif getattr(m.runner, "problem", ""):
+                out.append(f"{m.name}: Triton not used ({m.runner.problem}); "
+                           + ("analysing locally on onnxruntime" if self.config.models.triton_fallback
+                              else "images wait for Triton"))
             elif m.tensorrt_missing:
                 out.append(f"{m.name} runs on {m.backend}, not TensorRT, on this Jetson: analysis is "
                            f"10-50x slower ({m.backend_reason})")

@@ -47,7 +47,7 @@ MATCH_IOU = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``build``, ``list`` and ``verify`` subcommands to ``parser``."""
-    sub = parser.add_subparsers(dest="engines_command", metavar="{build,list,verify}")
+    sub = parser.add_subparsers(dest="engines_command", metavar="{build,list,verify,export-triton}")
     sub.required = True
     build = sub.add_parser("build", help="build (or reuse) TensorRT engines into the engine cache")
     build.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the config, fp16)")
     verify.add_argument("--calibration", type=Path, metavar="DIR", help="calibration set of an int8 engine")
     verify.add_argument("--model", metavar="NAME", help="only this model (default: all)")
+    export = sub.add_parser("export-triton", help="write a Triton Inference Server model repository "
+                            "(onnxruntime_onnx and tensorrt_plan variants) for the installed models")
+    export.add_argument("directory", type=Path, metavar="DIR", help="output folder")
+    export.add_argument("--model", metavar="NAME", help="only this model (default: all)")
 
 
 def reference_input(manifest: Manifest) -> np.ndarray:
@@ -292,10 +296,34 @@ def run(args: argparse.Namespace, *, models_dir: Path, cache_dir: Path, backend:
             return _build(args, Path(models_dir), Path(cache_dir), out, err)
         if command == "verify":
             return _verify(args, Path(models_dir), Path(cache_dir), out, err)
+        if command == "export-triton":
+            return _export_triton(args, Path(models_dir), out, err)
     except BackendUnavailable as exc:
         print(f"engines {command}: {exc}", file=err)
         return EXIT_UNAVAILABLE
     raise ValueError(f"unknown engines command {command!r}; expected build, list or verify")
+
+
+def _export_triton(args: argparse.Namespace, models_dir: Path, out: TextIO, err: TextIO) -> int:
+    from engines.triton_export import export_repository
+
+    try:
+        folders = model_folders(models_dir)
+        if args.model:
+            folders = [f for f in folders if load_manifest(f).name == args.model]
+            if not folders:
+                print(f"engines export-triton: no model named {args.model!r} in {models_dir}", file=err)
+                return EXIT_FAILED
+        exported = export_repository(folders, args.directory)
+    except (ManifestError, ModelIntegrityError, OSError) as exc:
+        print(f"engines export-triton: {exc}", file=err)
+        return EXIT_FAILED
+    for e in exported:
+        batching = "dynamic batching" if e.batched else f"not batched ({e.note})"
+        print(f"{e.name}: Triton version {e.version}, {batching}", file=out)
+    print(f"repositories written to {args.directory}: onnxruntime_onnx/ and tensorrt_plan/ "
+          f"(see {args.directory / 'README.txt'})", file=out)
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- any decoding (add-ons)

@@ -32,10 +32,11 @@ from engines.manifest import (MANIFEST_FILE, Manifest, ManifestError, ModelInteg
 from engines.runners.base import BackendUnavailable, Runner, RunnerError
 from engines.runners.onnxruntime_runner import OnnxRuntimeRunner
 from engines.runners.tensorrt_runner import EngineUnreadable, TensorRTRunner
+from engines.runners.triton_runner import TritonSettings, TritonWithFallback
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "triton")
 
 __all__ = ["BACKENDS", "LoadedModel", "ModelIntegrityError", "describe_backend", "load_model",
            "load_models", "model_folders"]
@@ -69,6 +70,11 @@ class LoadedModel:
     def backend(self) -> str:
         """"onnxruntime" or "tensorrt"."""
         return self.runner.name
+
+    @property
+    def last_backend(self) -> str:
+        """The backend that produced the last outputs (Triton, or its local fallback)."""
+        return str(getattr(self.runner, "last_backend", None) or self.runner.name)
 
     @property
     def tensorrt_missing(self) -> bool:
@@ -122,14 +128,16 @@ def load_model(folder: Path | str, backend: str = "auto", *, cache_dir: Path | s
                precision: str = DEFAULT_PRECISION, calibration_dir: Path | str | None = None,
                onnx_device: str = "auto", intra_op_threads: int | None = None,
                build_in_background: bool = False,
-               on_switch: Callable[["LoadedModel"], None] | None = None) -> LoadedModel:
-    """Load one model folder on ``backend`` ("auto", "onnxruntime" or "tensorrt").
+               on_switch: Callable[["LoadedModel"], None] | None = None,
+               triton: TritonSettings | None = None) -> LoadedModel:
+    """Load one model folder on ``backend`` ("auto", "onnxruntime", "tensorrt" or "triton").
 
     ``cache_dir`` holds TensorRT engines (default: :func:`engines.builder.default_cache_dir`);
     ``precision`` and ``calibration_dir`` (INT8) choose the engine; ``onnx_device`` ("auto",
     "cpu", "cuda") and ``intra_op_threads`` tune ONNX Runtime. With ``build_in_background``,
     an engine that is not cached yet is built in a thread while the model runs on ONNX
-    Runtime; ``on_switch(model)`` is called when it switched to TensorRT.
+    Runtime; ``on_switch(model)`` is called when it switched to TensorRT. ``triton`` (for
+    backend "triton"): the server, with ONNX Runtime as the local fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -139,8 +147,18 @@ def load_model(folder: Path | str, backend: str = "auto", *, cache_dir: Path | s
     runner: Runner | None = None
     engine: Path | None = None
     build_later = False
-    expected = backend != "onnxruntime" and on_jetson()
-    if backend == "onnxruntime":
+    expected = backend not in ("onnxruntime", "triton") and on_jetson()
+    if backend == "triton":
+        if triton is None:
+            raise ValueError("backend 'triton' needs the Triton server settings ([models] triton_url)")
+
+        def local() -> OnnxRuntimeRunner:
+            return OnnxRuntimeRunner(onnx_bytes, device=onnx_device, intra_op_threads=intra_op_threads,
+                                     label=f"{manifest.name} ({manifest.onnx_path}, Triton fallback)")
+        runner = TritonWithFallback(manifest, triton, local)
+        reason = (f"Triton at {triton.url} ({triton.protocol})" if runner.name == "triton"
+                  else f"Triton not used now ({runner.problem}); local onnxruntime")
+    elif backend == "onnxruntime":
         reason = "backend 'onnxruntime' configured"
     else:
         unavailable = tensorrt_unavailable_reason()
@@ -233,7 +251,8 @@ def load_models(models_dir: Path, backend: str = "auto", *, cache_dir: Path | st
                 onnx_device: str = "auto", intra_op_threads: int | None = None,
                 build_in_background: bool = False,
                 on_switch: Callable[[LoadedModel], None] | None = None,
-                refused: list[str] | None = None) -> dict[str, LoadedModel]:
+                refused: list[str] | None = None,
+                triton: TritonSettings | None = None) -> dict[str, LoadedModel]:
     """Load every model folder under ``models_dir``, keyed by model name.
 
     By default any bad model stops the load (the appliance must not start half-equipped).
@@ -252,7 +271,8 @@ def load_models(models_dir: Path, backend: str = "auto", *, cache_dir: Path | st
                 model = load_model(folder, backend, cache_dir=cache_dir, precision=precision,
                                    calibration_dir=calibration_dir, onnx_device=onnx_device,
                                    intra_op_threads=intra_op_threads,
-                                   build_in_background=build_in_background, on_switch=on_switch)
+                                   build_in_background=build_in_background, on_switch=on_switch,
+                                   triton=triton)
                 if model.name in models:
                     model.close()
                     raise ManifestError(f"{folder / MANIFEST_FILE}: key 'model.name' {model.name!r} "
@@ -277,8 +297,8 @@ def load_models(models_dir: Path, backend: str = "auto", *, cache_dir: Path | st
 def describe_backend(manifest: Manifest, backend: str = "auto", cache_dir: Path | str | None = None,
                      precision: str = DEFAULT_PRECISION, calibration_dir: Path | str | None = None) -> str:
     """Which runner ``load_model`` would use, in words, without building anything."""
-    if backend == "onnxruntime":
-        return "onnxruntime"
+    if backend in ("onnxruntime", "triton"):
+        return backend if backend == "onnxruntime" else "triton (local onnxruntime as fallback)"
     unavailable = tensorrt_unavailable_reason()
     if unavailable:
         short = unavailable.split(";")[0].split(" (")[0]

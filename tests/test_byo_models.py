@@ -175,6 +175,7 @@ def test_site_models_by_manifest_reach_the_pacs_with_their_findings_and_codes(tm
                               ("8186001", "Cardiomegaly")):
             assert code in dump and meaning in dump, f"{meaning} ({code}) missing from the SR"
         assert "cxr_yolo" in dump and "cxr_labels" in dump       # algorithm identification
+        assert '"Algorithm Parameters")="backend onnxruntime"' in dump   # what ran it
         gsps = objects[GSPS][0]
         labels = [t.UnformattedTextValue for layer in gsps.GraphicAnnotationSequence
                   for t in getattr(layer, "TextObjectSequence", [])]

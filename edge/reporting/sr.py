@@ -187,9 +187,14 @@ def _build(inputs: BuildInputs, predecessors: tuple[PredecessorDocument, ...],
 
 
 def _algorithm(model: ModelInfo | None) -> hd.sr.AlgorithmIdentification | None:
+    """TID 4019: the model's name and version, and as its parameter the inference backend
+    that ran it for this image (onnxruntime, tensorrt, or triton, with Triton's local
+    fallback recorded as onnxruntime)."""
     if model is None:
         return None
-    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+    parameters = [f"backend {model.backend}"] if model.backend else None
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
+                                         parameters=parameters)
 
 
 def _percent(probability: float) -> float:

@@ -16,7 +16,7 @@ from flask import Flask, g, request
 from prometheus_client import make_wsgi_app
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-from . import api, auth, pages
+from . import api, auth, pages, screening
 from .i18n import LANGUAGE_NAMES, LANGUAGES, choose_language, translator
 from .images import ImageCache
 from .sessions import SESSIONS_FILE, SessionStore
@@ -130,6 +130,7 @@ def create_app(config: "Config", journal: "Journal", metrics: "Metrics", *,
     auth.init_app(app)
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(screening.bp)   # referrals, slips, figures, TB threshold
 
     metrics_app = auth.bearer_protected(make_wsgi_app(metrics.registry), config.web.metrics_token)
     app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/metrics": metrics_app})   # type: ignore[method-assign]

@@ -177,6 +177,13 @@ STRINGS: dict[str, dict[str, str]] = {
 }
 
 
+# The screening programme pages keep their strings in their own module.
+from .i18n_screening import SCREENING_STRINGS  # noqa: E402
+
+for _lang, _table in SCREENING_STRINGS.items():
+    STRINGS[_lang].update({k: v for k, v in _table.items() if k not in STRINGS[_lang]})
+
+
 def translator(lang: str):
     """A function ``t(key, **kw)`` for one language; unknown keys fall back to English."""
     table = STRINGS.get(lang, STRINGS["en"])

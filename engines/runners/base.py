@@ -26,7 +26,7 @@ class BackendUnavailable(RunnerError):
 class Runner(abc.ABC):
     """Named numpy tensors in, named numpy tensors out."""
 
-    #: backend name: "onnxruntime" or "tensorrt"
+    #: backend name: "onnxruntime", "tensorrt" or "triton"
     name: str = "runner"
 
     @property

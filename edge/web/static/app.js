@@ -160,6 +160,15 @@
     (h.models || []).forEach(function (m) {
       item(t("models"), esc(m.name + " " + m.version + " · " + m.backend), false);
     });
+    if (h.triton) {   // [models] backend = "triton": the shared inference server
+      var tr = h.triton;
+      item("Triton " + tr.url, esc((tr.reachable ? t("reachable") : t("unreachable")) +
+        (tr.round_trip_ms !== null && tr.round_trip_ms !== undefined ? " · " + Math.round(tr.round_trip_ms) + " ms" : "")),
+        !tr.reachable);
+      (tr.models || []).forEach(function (m) {
+        item("Triton · " + m.name, esc((m.ready ? t("up") : t("down")) + (m.backend ? " · " + m.backend : "")), !m.ready);
+      });
+    }
     var p = h.platform || {};
     (p.temperatures || []).forEach(function (s) {
       item(t("temperature") + " " + s.name, esc(s.celsius.toFixed(0) + " °C"), s.celsius > 85);
