@@ -70,6 +70,7 @@ class ReceivedInstance:
     calling_ae: str
     called_ae: str
     receive_started: float = 0.0   # perf_counter when the handler started
+    transfer_started: float = 0.0  # perf_counter when the first data set byte arrived (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -192,10 +193,14 @@ OnCommitment = Callable[[CommitmentRequest], int]
 #     ``max_instance_bytes`` the rest is dropped unread into memory, and the C-STORE handler
 #     answers a refusal with an Error Comment once the peer has finished sending.
 
-#: Longest PDU read into memory. We announce a maximum PDU length of 16 kB (pynetdicom's
-#: default) and association requests are a few kB, but the 32-bit length field lets a peer
-#: announce 4 GiB, which pynetdicom would buffer whole.
+#: Longest PDU read into memory. We announce ``RECEIVE_PDU_BYTES`` and association requests
+#: are a few kB, but the 32-bit length field lets a peer announce 4 GiB, which pynetdicom
+#: would buffer whole.
 MAX_PDU_BYTES = 1024 * 1024
+#: The maximum PDU length we announce. pynetdicom's default (16 kB) makes a 2k x 2k image
+#: about 500 PDUs, each decoded by Python; a peer that can sends 256 kB ones (DCMTK does,
+#: up to its own limit), so the data set arrives in a few dozen.
+RECEIVE_PDU_BYTES = 256 * 1024
 
 _POLL_S = 0.2        # how often deadlines are checked (the accept loop's poll interval)
 _LOG_EVERY_S = 60.0  # one WARNING per kind and peer per minute; the rest at DEBUG
@@ -212,6 +217,7 @@ class _Connection:
     closing: bool = False          # shut down by us or rejected: no longer counted
     assoc: object | None = None
     dataset_bytes: int = 0         # data set bytes of the message being received
+    dataset_started: float = 0.0   # perf_counter at its first data set fragment
     refused_bytes: int | None = None   # size of a data set dropped for being too large
 
     @property
@@ -401,6 +407,12 @@ class _GuardedServer(ThreadedAssociationServer):
     def _conn(self, assoc) -> _Connection | None:
         return self._by_assoc.get(assoc)
 
+    def dataset_started(self, assoc) -> float:
+        """perf_counter when the data set being handled on ``assoc`` began to arrive (0: unknown)."""
+        with self._lock:
+            conn = self._conn(assoc)
+            return conn.dataset_started if conn is not None else 0.0
+
     def take_refused_size(self, assoc) -> int | None:
         """Size of the data set just dropped for being too large on ``assoc``, if any."""
         with self._lock:
@@ -458,7 +470,10 @@ class _GuardedServer(ThreadedAssociationServer):
             header = data[0]
             if header & 0x01:              # command fragment: a new message starts
                 conn.dataset_bytes = 0
+                conn.dataset_started = 0.0
                 continue
+            if not conn.dataset_started:
+                conn.dataset_started = time.perf_counter()
             conn.dataset_bytes += len(data) - 1
             if conn.dataset_bytes > limit:
                 if conn.refused_bytes is None:
@@ -504,6 +519,7 @@ class StoreSCP:
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
+        ae.maximum_pdu_size = RECEIVE_PDU_BYTES
         # Our own limit (EVT_REQUESTED above) counts associations; pynetdicom's counts every
         # connection thread, half-open and just-closed ones too, so it stays as a backstop.
         ae.maximum_associations = 4 * s.max_associations
@@ -627,6 +643,7 @@ class StoreSCP:
             calling_ae=str(event.assoc.requestor.ae_title).strip(),
             called_ae=str(event.assoc.acceptor.ae_title).strip(),
             receive_started=started,
+            transfer_started=server.dataset_started(event.assoc) if server is not None else 0.0,
         )
         try:
             result = self._on_instance(received)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -206,7 +207,8 @@ def _requested_contexts(files: list[_StoredFile]) -> list[tuple[str, list[str]]]
 
 def send_files(peer: Peer, paths: list[str | Path], *,
                on_outcome: Callable[[int, SendOutcome], None] | None = None,
-               to_native: Callable[[Path], Path] | None = None) -> list[SendOutcome]:
+               to_native: Callable[[Path], Path] | None = None,
+               timings: dict | None = None) -> list[SendOutcome]:
     """C-STORE each file over one association; one outcome per file, in order.
 
     A file goes in the transfer syntax it is stored in, byte for byte (its data set is not
@@ -216,14 +218,18 @@ def send_files(peer: Peer, paths: list[str | Path], *,
     a child process, ``dicom_node.transcode``). Nothing is ever compressed.
 
     ``on_outcome(index, outcome)`` is called as soon as each file's answer is known, so the
-    caller can record it before the next file goes out (a crash then leaves at most one
-    object whose fate is unknown).
+    caller can record it before the next file goes out. ``timings`` (a dict) receives
+    milliseconds: "associate", "store" (one per file sent) and "release".
     """
+    timings = {} if timings is None else timings
+    started = time.perf_counter()
     files = [_stored_file(p) for p in paths]
     ae = _ae(peer)
     for sop_class, syntaxes in _requested_contexts(files):
         ae.add_requested_context(sop_class, syntaxes)
     assoc = _associate(ae, peer)
+    timings["associate"] = (time.perf_counter() - started) * 1000.0
+    timings["store"] = []
     if not assoc.is_established:
         why = _why_no_association(assoc, peer)
         return [SendOutcome(False, None, why) for _ in files]
@@ -231,14 +237,18 @@ def send_files(peer: Peer, paths: list[str | Path], *,
     outcomes: list[SendOutcome] = []
     try:
         for index, stored in enumerate(files):
+            t = time.perf_counter()
             outcomes.append(_store_file(assoc, stored, accepted, to_native or native_copy))
+            timings["store"].append((time.perf_counter() - t) * 1000.0)
             if on_outcome is not None:
                 on_outcome(index, outcomes[-1])
             if not assoc.is_established:
                 break
     finally:
+        t = time.perf_counter()
         if assoc.is_established:
             assoc.release()
+        timings["release"] = (time.perf_counter() - t) * 1000.0
     while len(outcomes) < len(files):
         outcomes.append(SendOutcome(False, None, "association lost before sending"))
     return outcomes

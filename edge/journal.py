@@ -258,8 +258,10 @@ class Journal(CommitmentRecords, ScreeningRecords):
             self._db.close()
 
     # ------------------------------------------------------------------ helpers
-    def _tx(self):
-        return _Transaction(self._db, self._lock)
+    def _tx(self, *, flush: bool = True):
+        """A transaction; ``flush=False`` for the few whose loss in a power cut is harmless
+        (they are still durable against a crash of the service: the OS has them)."""
+        return _Transaction(self._db, self._lock, flush=flush)
 
     def _query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -375,7 +377,7 @@ class Journal(CommitmentRecords, ScreeningRecords):
 
     def add_timings(self, sop_instance_uid: str, timings_ms: dict[str, float]) -> None:
         """Merge per-stage timings (milliseconds) into the instance's record."""
-        with self._tx() as db:
+        with self._tx(flush=False) as db:   # timings: harmless to lose in a power cut
             row = db.execute("SELECT timings_json FROM instances WHERE sop_instance_uid=?",
                              (sop_instance_uid,)).fetchone()
             if row is None:
@@ -392,7 +394,7 @@ class Journal(CommitmentRecords, ScreeningRecords):
         crash counts against the image that was being analysed, not those queued behind it.
         """
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self._tx(flush=False) as db:   # lost in a power cut: 'received', claimed again
             row = db.execute("SELECT sop_instance_uid FROM instances WHERE state='received'"
                              " AND (not_before IS NULL OR not_before <= ?)"
                              " ORDER BY received_at, rowid LIMIT 1", (now,)).fetchone()
@@ -408,7 +410,7 @@ class Journal(CommitmentRecords, ScreeningRecords):
         """Count an analysis attempt of this image (the models start on it now); returns the
         number of attempts so far. After a restart, an image with an attempt counted was
         being analysed when the service died (see edge.rehearsal)."""
-        with self._tx() as db:
+        with self._tx(flush=False) as db:   # lost in a power cut: not the image's fault
             db.execute("UPDATE instances SET attempts=attempts+1 WHERE sop_instance_uid=?",
                        (sop_instance_uid,))
             row = db.execute("SELECT attempts FROM instances WHERE sop_instance_uid=?",
@@ -628,6 +630,22 @@ class Journal(CommitmentRecords, ScreeningRecords):
         with self._tx() as db:
             return db.execute(sql, args).rowcount == 1
 
+    def mark_deliveries_sent(self, sent: Iterable[tuple[int, str | None, str | None]], *,
+                             now: float | None = None) -> list[bool]:
+        """``mark_delivery_sent`` for several objects, (id, note, path) each, in one
+        transaction (one disk flush for an association's objects)."""
+        now = time.time() if now is None else now
+        out = []
+        with self._tx() as db:
+            for delivery_id, note, path in sent:
+                sql = ("UPDATE deliveries SET state='sent', attempts=attempts+1, sent_at=?, updated_at=?,"
+                       " last_error=?, unconfirmed_at=NULL WHERE id=?")
+                args: tuple = (now, now, note, delivery_id)
+                if path is not None:
+                    sql, args = sql + " AND path=?", args + (path,)
+                out.append(db.execute(sql, args).rowcount == 1)
+        return out
+
     def mark_delivery_failed(self, delivery_id: int, error: str, *, retry_at: float | None,
                              now: float | None = None, path: str | None = None,
                              hold_results: bool = False) -> bool:
@@ -770,15 +788,19 @@ def check_integrity(path: str | Path) -> bool:
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT under the journal lock; ROLLBACK on error."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock, *, flush: bool = True):
         self._db = db
         self._lock = lock
+        self._flush = flush
 
     def __enter__(self) -> sqlite3.Connection:
         self._lock.acquire()
         try:
+            if not self._flush:   # WAL: the next synchronous=FULL commit flushes this one too
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
         except BaseException:
+            self._restore()
             self._lock.release()
             raise
         return self._db
@@ -787,4 +809,11 @@ class _Transaction:
         try:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
-            self._lock.release()
+            try:
+                self._restore()
+            finally:
+                self._lock.release()
+
+    def _restore(self) -> None:
+        if not self._flush:
+            self._db.execute("PRAGMA synchronous=FULL")

@@ -145,9 +145,11 @@ class Outbox:
         return [t.name for t in self._threads if not t.is_alive()]
 
     def _send_batch(self, dest: Destination, rows: list[DeliveryRow]) -> float:
-        """Send ``rows`` over one association and record each outcome as it arrives. Returns
-        how long to wait before the next batch: the backoff when the PACS could not be
-        reached at all."""
+        """Send ``rows`` over one association and record the outcomes image by image: the
+        answers for one image's objects are journaled together (one disk flush) as soon as
+        its last object is answered, before the next image's objects go out. Returns how
+        long to wait before the next batch: the backoff when the PACS could not be reached
+        at all."""
         if isinstance(dest, FhirConfig):
             return self._send_fhir(dest, rows)
         paths = [self.config.storage_dir / r.path for r in rows]
@@ -160,30 +162,60 @@ class Outbox:
         if not rows:
             return 0.0
         paths = [self.config.storage_dir / r.path for r in rows]
+        # Until their answers are journaled, a crash leaves these "unconfirmed": the PACS is
+        # asked (C-FIND) before they are sent again, so it never gets one twice.
         self.journal.mark_in_flight([r.id for r in rows])
         batch = _Batch()
 
         def record(index: int, outcome: SendOutcome) -> None:
             batch.recorded.add(index)
+            if outcome.delivered:
+                batch.sent.append((rows[index], outcome))
+                nxt = index + 1
+                if nxt >= len(rows) or rows[nxt].sop_instance_uid != rows[index].sop_instance_uid:
+                    self._record_sent(dest, batch)
+                return
+            self._record_sent(dest, batch)
             self._record_outcome(dest, rows[index], outcome, batch)
 
         started = time.perf_counter()
+        timings: dict = {}
         try:
             outcomes = send_files(self._peer_factory(dest), paths, on_outcome=record,
-                                  to_native=self._to_native)
+                                  to_native=self._to_native, timings=timings)
         except Exception as exc:  # noqa: BLE001 - unreadable file, TLS setup error, ...
             logger.debug("sending to %s raised", dest.name, exc_info=True)
             error = f"{type(exc).__name__}: {exc}"
             outcomes = [SendOutcome(False, None, error) for _ in rows]
         elapsed = time.perf_counter() - started
+        self._record_sent(dest, batch)
         for index, outcome in enumerate(outcomes):
             if index not in batch.recorded:
                 record(index, outcome)
+        self._record_sent(dest, batch)
         self._note_state(dest, batch.failures, delivered=bool(batch.delivered))
         if batch.delivered:
-            self._record_delivered(batch.delivered, elapsed * 1000.0 / max(1, len(rows)))
+            detail = {}
+            if "associate" in timings:   # where the delivery's time went, per image
+                stores = list(zip(rows, timings.get("store", [])))
+                detail = {uid: {"deliver_associate": timings["associate"],
+                                "deliver_stores": sum(ms for r, ms in stores if r.sop_instance_uid == uid),
+                                **{f"deliver_{r.object_type}": ms for r, ms in stores if r.sop_instance_uid == uid}}
+                          for uid in batch.delivered}
+            self._record_delivered(batch.delivered, elapsed * 1000.0 / max(1, len(rows)), detail)
         unreachable = not batch.delivered and all(o.status is None for o in outcomes)
         return batch.pause if unreachable else 0.0
+
+    def _record_sent(self, dest: Destination, batch: "_Batch") -> None:
+        """Journal the delivered objects not yet recorded, in one transaction."""
+        if not batch.sent:
+            return
+        sent, batch.sent = batch.sent, []
+        self.journal.mark_deliveries_sent(
+            [(row.id, None if outcome.status == 0 else outcome.message, row.path) for row, outcome in sent])
+        for row, _ in sent:
+            batch.delivered.add(row.sop_instance_uid)
+            self._count(dest.name, "sent", row.object_type)
 
     def _record_outcome(self, dest: Destination, row: DeliveryRow, outcome: SendOutcome,
                         batch: "_Batch") -> None:
@@ -314,7 +346,8 @@ class Outbox:
         if self.metrics is not None:
             self.metrics.delivery_outcome(destination, outcome, object_type=object_type)
 
-    def _record_delivered(self, uids: set[str], per_object_ms: float) -> None:
+    def _record_delivered(self, uids: set[str], per_object_ms: float,
+                          detail: dict[str, dict[str, float]] | None = None) -> None:
         """Deliver-stage timing, and end-to-end when an instance has nothing left to send."""
         for uid in uids:
             rows = self.journal.deliveries_for(uid)
@@ -324,7 +357,8 @@ class Outbox:
             if inst is None or inst.state in ("received", "analyzing"):
                 continue   # a forwarded image whose results are still to come
             if "deliver" not in inst.timings:
-                self.journal.add_timings(uid, {"deliver": per_object_ms * len(rows)})
+                self.journal.add_timings(uid, {"deliver": per_object_ms * len(rows),
+                                               **(detail or {}).get(uid, {})})
                 if self.metrics is not None:
                     self.metrics.observe_stage("deliver", per_object_ms * len(rows) / 1000.0)
                     last = max((r.sent_at or 0) for r in rows)
@@ -335,7 +369,8 @@ class _Batch:
     """What one association's sends came to."""
 
     def __init__(self) -> None:
-        self.recorded: set[int] = set()      # indexes of the batch whose answer is journaled
+        self.recorded: set[int] = set()      # indexes of the batch whose answer is known
+        self.sent: list[tuple[DeliveryRow, SendOutcome]] = []   # delivered, not yet journaled
         self.delivered: set[str] = set()     # instances with an object delivered
         self.failures: list[tuple[DeliveryRow, str]] = []
         self.pause = 0.0

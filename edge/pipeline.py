@@ -18,6 +18,7 @@ the image: it waits and is analysed again.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import queue
 import threading
@@ -25,10 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import gc_timer
 from .config import OUTPUT_TYPES, Config
 from .findings import Findings
 from .journal import SOURCE, InstanceRow, Journal
-from .storage import write_all_durably
+from .storage import StagedFiles
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class _Job:
     source: Any            # pydicom Dataset
     prepared: Any          # analysis.Prepared
     started: float
+    gc_ms: float = 0.0     # gc_timer.gc_ms() when it started
 
 
 class Pipeline:
@@ -64,6 +67,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._threads: list[threading.Thread] = []
+        self._sr_worker = None     # edge.report_worker.SRWorker once warm_up started it
         self._disk_failures = 0
         #: (when, message) of the last failure to write results, None once writing works
         self.results_write_error: tuple[float, str] | None = None
@@ -72,6 +76,7 @@ class Pipeline:
         self.outputs = result_outputs(config)
 
     def start(self) -> "Pipeline":
+        gc_timer.install()
         for name, target in (("prepare", self._prepare_loop), ("infer", self._infer_loop)):
             t = threading.Thread(target=target, name=f"pipeline-{name}", daemon=True)
             t.start()
@@ -87,6 +92,8 @@ class Pipeline:
             pass
         for t in self._threads:
             t.join(timeout=30)
+        if self._sr_worker is not None:
+            self._sr_worker.close()
 
     def dead_workers(self) -> list[str]:
         """Names of worker threads that have stopped although the pipeline was not stopped."""
@@ -126,7 +133,7 @@ class Pipeline:
 
     def _prepare(self, row: InstanceRow) -> _Job | None:
         from .imaging import ImagingError
-        started = time.perf_counter()
+        started, gc_started = time.perf_counter(), gc_timer.gc_ms()
         path = self.config.storage_dir / row.path
         if row.attempts:   # the service stopped while analysing it: was it the image?
             from .rehearsal import rehearse
@@ -147,7 +154,7 @@ class Pipeline:
         if skipped is not None:
             self._finish(row, "skipped", skipped.reason, findings=skipped)
             return None
-        return _Job(row=row, source=source, prepared=prepared, started=started)
+        return _Job(row=row, source=source, prepared=prepared, started=started, gc_ms=gc_started)
 
     # ------------------------------------------------------------------ infer + report
     def warm_up(self) -> None:
@@ -163,10 +170,26 @@ class Pipeline:
                 for ds in build_results(source, findings, prepared.image.unit_image, self.outputs,
                                         equipment=self._equipment).values():
                     _encode(ds)
+                self._start_sr_worker(findings)
         except Exception:  # noqa: BLE001 - a warm-up problem must not stop the service
             logger.warning("warm-up run failed; the first image may be slower", exc_info=True)
             return
+        # Everything loaded so far (models, codecs, highdicom's tables) lives as long as the
+        # service: out of the collector's sight, so no full collection walks it mid-image.
+        gc.collect()
+        gc.freeze()
         logger.info("models and reporting warmed up in %.0f ms", (time.perf_counter() - started) * 1000)
+
+    def _start_sr_worker(self, warm_findings: Findings) -> None:
+        """With cores to spare, SRs are built in a child process while this thread builds the
+        GSPS and SC (``edge.report_worker``); it warms up on the synthetic image."""
+        from .report_worker import SRWorker
+        if self._sr_worker is not None or "sr" not in self.outputs or self._stop.is_set() \
+                or not SRWorker.useful():
+            return
+        bare = synthetic_chest_dataset()
+        del bare.PixelData
+        self._sr_worker = SRWorker().start(bare, warm_findings, dict(equipment=self._equipment))
 
     def _infer_loop(self) -> None:
         self.warm_up()
@@ -196,27 +219,54 @@ class Pipeline:
         findings.timings_ms.pop("total", None)
         t0, cpu0 = time.perf_counter(), time.thread_time()
         objects, files = [], {}
-        for kind, uid, rel, data in encode_results(
-                job.source, findings, job.prepared.image.unit_image, self.outputs,
-                received_at=job.row.received_at, source_digest=job.row.sha256,
-                equipment=self._equipment, sent_srs=self._sent_srs(job.row)):
-            files[self.config.storage_dir / rel] = data
-            objects.append((kind, uid, rel))
-        if self.config.fhir is not None:   # the EMR's transaction, durable with the rest
-            kind, uid, rel, data = fhir_result(job.source, findings, self.config.fhir,
-                                               equipment=self._equipment, received_at=job.row.received_at)
-            files[self.config.storage_dir / rel] = data
-            objects.append((kind, uid, rel))
+        staged, early_error = StagedFiles(), []
+
+        def stage_early(entries: list) -> None:
+            """The GSPS and SC written (and fsynced) while the SR child is still at work."""
+            try:
+                staged.stage({self.config.storage_dir / rel: data for _, _, rel, data in entries})
+            except OSError as exc:
+                early_error.append(exc)
+
         try:
-            write_all_durably(files)
+            for kind, uid, rel, data in encode_results(
+                    job.source, findings, job.prepared.image.unit_image, self.outputs,
+                    received_at=job.row.received_at, source_digest=job.row.sha256,
+                    equipment=self._equipment, sent_srs=self._sent_srs(job.row),
+                    sr_worker=self._sr_worker, on_built=stage_early):
+                files[self.config.storage_dir / rel] = data
+                objects.append((kind, uid, rel))
+            if self.config.fhir is not None:   # the EMR's transaction, durable with the rest
+                kind, uid, rel, data = fhir_result(job.source, findings, self.config.fhir,
+                                                   equipment=self._equipment, received_at=job.row.received_at)
+                files[self.config.storage_dir / rel] = data
+                objects.append((kind, uid, rel))
+        except BaseException:
+            staged.discard()
+            raise
+        t_built = time.perf_counter()
+        try:
+            if early_error:
+                raise early_error[0]
+            staged.stage({path: data for path, data in files.items() if path not in staged})
+            staged.place()
         except OSError as exc:
+            staged.discard()
             self._defer_for_disk(job.row, exc)
             return
+        except BaseException:
+            staged.discard()
+            raise
         self._disk_failures = 0
         self.results_write_error = None
         report_ms = (time.perf_counter() - t0) * 1000.0
         timings = dict(findings.timings_ms)
         timings["report"] = report_ms
+        timings["report_write"] = (time.perf_counter() - t_built) * 1000.0   # durable, fsynced
+        timings["report_cpu"] = (time.thread_time() - cpu0) * 1000.0   # well below "report": waits
+        timings["gc"] = gc_timer.gc_ms() - job.gc_ms   # collections while it was analysed
+        if self._sr_worker is not None and self._sr_worker.last_wait_ms is not None:
+            timings["report_sr_wait"] = self._sr_worker.last_wait_ms   # SR built by the child
         timings["analysis_total"] = (time.perf_counter() - job.started) * 1000.0
         findings.timings_ms = timings
         plan = delivery_plan(self.config, job.row, findings, objects)
@@ -310,7 +360,8 @@ def decode_side(config: Config, model_side: int) -> int:
 
 
 def encode_results(source, findings: Findings, unit_image, outputs, *, received_at: float,
-                   source_digest: str, equipment, sent_srs=()) -> list[tuple[str, str, str, bytes]]:
+                   source_digest: str, equipment, sent_srs=(), sr_worker=None,
+                   on_built=None) -> list[tuple[str, str, str, bytes]]:
     """The result objects of one analysed image, encoded: (type, SOP Instance UID, path
     relative to the storage dir, bytes).
 
@@ -318,20 +369,35 @@ def encode_results(source, findings: Findings, unit_image, outputs, *, received_
     bytes, findings, equipment), so a rerun after a crash gives identical objects. When an
     earlier SR of the image was sent and the new one says something else, the new SR names
     it as a predecessor; an SR identical to one already sent is sent under its UID again.
+    ``sr_worker`` (``edge.report_worker.SRWorker``): the SR is built there meanwhile, with
+    the same bytes; ``on_built(entries)`` is then given the other objects (same tuples) as
+    soon as they are encoded, before the wait for the SR.
     """
+    from .report_worker import encoded_sr
     from .reporting import build_results
 
     received = datetime.datetime.fromtimestamp(received_at).replace(microsecond=0)
     kwargs = dict(equipment=equipment, analysis_time=received, source_digest=source_digest)
-    results = build_results(source, findings, unit_image, outputs, **kwargs)
+    pending = None
+    if sr_worker is not None and "sr" in outputs:
+        pending = sr_worker.submit(source, findings, kwargs, list(sent_srs))
+    here = tuple(o for o in outputs if o != "sr") if pending is not None else tuple(outputs)
+    results = build_results(source, findings, unit_image, here, **kwargs) if here else {}
     sent_uids = {p.sop_instance_uid for p in sent_srs}
     if "sr" in results and sent_srs and str(results["sr"].SOPInstanceUID) not in sent_uids:
         results["sr"] = build_results(source, findings, unit_image, ("sr",),
                                       predecessors=list(sent_srs), **kwargs)["sr"]
+    encoded = {kind: (str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), _encode(ds))
+               for kind, ds in results.items()}
+    if pending is not None:
+        if on_built is not None and encoded:
+            on_built([(kind, uid, f"results/{study}/{kind}_{uid}.dcm", data)
+                      for kind, (uid, study, data) in encoded.items()])
+        encoded["sr"] = sr_worker.result(pending) or encoded_sr(source, findings, kwargs, list(sent_srs))
     out = []
-    for kind, ds in results.items():
-        rel = f"results/{ds.StudyInstanceUID}/{kind}_{ds.SOPInstanceUID}.dcm"
-        out.append((kind, str(ds.SOPInstanceUID), rel, _encode(ds)))
+    for kind in outputs:
+        uid, study, data = encoded[kind]
+        out.append((kind, uid, f"results/{study}/{kind}_{uid}.dcm", data))
     return out
 
 

@@ -7,6 +7,7 @@ forwarding to every destination taking "source", analysed or not.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Callable
 
 from dicom_node.scp import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, ReceivedInstance, StoreResult
 
+from . import gc_timer
 from .journal import Journal, NewInstance
 from .storage import Spool
 
@@ -23,6 +25,28 @@ logger = logging.getLogger(__name__)
 def _text(ds, keyword: str) -> str:
     value = ds.get(keyword, "")
     return "" if value is None else str(value)
+
+
+class _KeyedLocks:
+    """One lock per key, alive while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, list] = {}   # key -> [lock, holders and waiters]
+
+    @contextlib.contextmanager
+    def holding(self, key: str):
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
 
 
 class Receiver:
@@ -41,7 +65,7 @@ class Receiver:
         self._on_new = on_new or (lambda uid: None)
         self._on_received = on_received or (lambda calling_ae: None)
         self._observe = observe_stage or (lambda stage, seconds: None)
-        self._lock = threading.Lock()
+        self._locks = _KeyedLocks()
 
     def __call__(self, received: ReceivedInstance) -> StoreResult:
         data = received.encoded
@@ -50,10 +74,13 @@ class Receiver:
                          "space is freed", self.spool.min_free_mb)
             return StoreResult(OUT_OF_RESOURCES, "Disk full on AI box: not stored, resend later")
         ds = received.dataset
+        t_checked, gc0 = time.perf_counter(), gc_timer.gc_ms()
         digest = Spool.digest(data)
-        # Serialise per appliance: two associations sending the same UID must not interleave
-        # between the duplicate check and the write.
-        with self._lock:
+        # Serialise per SOP Instance UID: two associations sending the same UID must not
+        # interleave between the duplicate check and the write. Different images are written
+        # (and fsynced) side by side: one sender's disk flush does not hold up another's.
+        with self._locks.holding(received.sop_instance_uid):
+            t_locked = time.perf_counter()
             existing = self.journal.find_instance(received.sop_instance_uid)
             if existing is not None and existing.sha256 == digest:
                 logger.info("instance resent with identical bytes: acknowledged, not analyzed again")
@@ -66,7 +93,7 @@ class Receiver:
                 logger.error("could not write a received image to the spool (%s): answered 0xA700",
                              exc.strerror or type(exc).__name__)
                 return StoreResult(OUT_OF_RESOURCES, "AI box cannot write to disk: resend later")
-            store_s = time.perf_counter() - received.receive_started if received.receive_started else 0.0
+            t_written = time.perf_counter()
             new = NewInstance(
                 sop_instance_uid=received.sop_instance_uid,
                 sop_class_uid=received.sop_class_uid,
@@ -81,14 +108,21 @@ class Receiver:
                 patient_id=_text(ds, "PatientID"),
                 modality=_text(ds, "Modality"),
             )
+            timings = {"store": (t_written - (received.receive_started or t_checked)) * 1000.0,
+                       "store_checks": (t_checked - (received.receive_started or t_checked)) * 1000.0,
+                       "store_digest": (t_locked - t_checked) * 1000.0,   # with the wait for the lock
+                       "store_write": (t_written - t_locked) * 1000.0,
+                       "store_gc": gc_timer.gc_ms() - gc0}
+            if received.transfer_started and received.receive_started:
+                timings["transfer"] = (received.receive_started - received.transfer_started) * 1000.0
             try:
-                outcome = self.journal.record_received(new, timings_ms={"store": store_s * 1000.0},
-                                                       forward_to=self.forward_to)
+                outcome = self.journal.record_received(new, timings_ms=timings, forward_to=self.forward_to)
             except Exception:
                 logger.exception("journal write failed; the instance is not acknowledged")
                 if written:   # never acknowledged: remove what this call wrote
                     self.spool.absolute(rel).unlink(missing_ok=True)
                 return StoreResult(PROCESSING_FAILURE, "Journal error on AI box: resend later")
+        store_s = time.perf_counter() - (received.receive_started or t_checked)
         self._observe("store", store_s)
         self._on_received(received.calling_ae)
         if outcome == "conflict":

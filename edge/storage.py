@@ -38,30 +38,57 @@ def write_all_durably(files: dict[Path, bytes]) -> None:
     read-only file system), the temporary files and any file this call already renamed
     into place are removed and the error is raised: no half-written set is left behind.
     """
-    temps: dict[Path, Path] = {}
-    placed: list[Path] = []
+    staged = StagedFiles()
     try:
+        staged.stage(files)
+        staged.place()
+    except BaseException:
+        staged.discard()
+        raise
+
+
+class StagedFiles:
+    """``write_all_durably`` in two steps, so that some files can be written (and their
+    fsync waited for) while the others are still being made: ``stage`` any number of
+    times, then ``place`` once; ``discard`` on any failure removes everything this set
+    wrote. Nothing is in place before ``place``."""
+
+    def __init__(self) -> None:
+        self._temps: dict[Path, Path] = {}
+        self._placed: list[Path] = []
+
+    def __contains__(self, path: Path) -> bool:
+        return path in self._temps
+
+    def stage(self, files: dict[Path, bytes]) -> None:
+        """Write and fsync ``files`` under temporary names."""
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temps[path] = tmp
+            self._temps[path] = tmp
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        for path, tmp in temps.items():
+
+    def place(self) -> None:
+        """Rename every staged file into place, then fsync each distinct directory."""
+        for path, tmp in self._temps.items():
             existed = path.exists()
             os.replace(tmp, path)
             if not existed:
-                placed.append(path)
-        for d in {path.parent for path in files}:
+                self._placed.append(path)
+        for d in {path.parent for path in self._temps}:
             fsync_dir(d)
-    except BaseException:
-        for tmp in temps.values():
+        self._temps, self._placed = {}, []
+
+    def discard(self) -> None:
+        """Remove the temporary files and whatever ``place`` had already put in place."""
+        for tmp in self._temps.values():
             tmp.unlink(missing_ok=True)
-        for path in placed:
+        for path in self._placed:
             path.unlink(missing_ok=True)
-        raise
+        self._temps, self._placed = {}, []
 
 
 def free_mb(path: Path) -> float:

@@ -168,3 +168,19 @@ def test_storage_commitment_requests_survive_a_reopen(tmp_path):
     assert journal.count_commitments_by_state() == {"waiting": 0, "reported": 1, "gave_up": 0}
     assert journal.list_commitments()[0].to_dict()["failed"] == [["1.2.3", 0x0112]]
     journal.close()
+
+
+def test_claiming_and_counting_an_attempt_do_not_wait_for_the_disk_and_the_rest_still_does(tmp_path):
+    """Claiming an image and counting its analysis attempt are safe to lose in a power cut
+    (the image is simply claimed again): they commit without waiting for the disk. Every
+    other commit still flushes (synchronous=FULL, 2), also after those two."""
+    journal = Journal(tmp_path / "j.sqlite3")
+    full = lambda: journal._db.execute("PRAGMA synchronous").fetchone()[0]   # noqa: E731
+    assert journal.record_received(_new()) == "new" and full() == 2
+    row = journal.claim_next_instance()
+    assert row is not None and row.state == "analyzing" and full() == 2
+    assert journal.begin_inference(row.sop_instance_uid) == 1 and full() == 2
+    journal.close()
+    reopened = Journal(tmp_path / "j.sqlite3")   # what was committed is there
+    assert reopened.find_instance("1.2.3").attempts == 1
+    assert reopened.find_instance("1.2.3").state == "analyzing"

@@ -151,3 +151,38 @@ def test_failures_are_logged_once_per_state_change(tmp_path, storescp, caplog):
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     retries = [r for r in records if r.levelno == logging.DEBUG and "retry in" in r.getMessage()]
     assert len(retries) >= 3 * 3   # every retry is still traceable, at DEBUG
+
+
+def test_an_images_answers_are_journaled_together_before_the_next_image_goes(tmp_path, storescp, monkeypatch):
+    """One association, two images of three objects each: each image's answers are written
+    in one journal transaction, after its last object and before the next image's first."""
+    peer = storescp()
+    outbox, journal = make_outbox(tmp_path, [peer.destination("pacs")])
+    first = queue_results(outbox, "pacs", 3, seed=1)
+    second = queue_results(outbox, "pacs", 3, seed=2)
+    events: list[tuple] = []
+    real = journal.mark_deliveries_sent
+
+    def spy(sent, **kw):
+        uids = {journal.get_delivery(i).sop_instance_uid for i, _, _ in sent}
+        events.append(("journal", tuple(sorted(uids)), len(sent)))
+        return real(sent, **kw)
+
+    monkeypatch.setattr(journal, "mark_deliveries_sent", spy)
+    import edge.outbox as outbox_module
+    real_send = outbox_module.send_files
+
+    def send(peer_, paths, *, on_outcome=None, **kw):
+        def seen(index, outcome):
+            events.append(("answer", index))
+            on_outcome(index, outcome)
+        return real_send(peer_, paths, on_outcome=seen, **kw)
+
+    monkeypatch.setattr(outbox_module, "send_files", send)
+    dest = outbox.config.destinations[0]
+    assert outbox._send_batch(dest, journal.due_deliveries(destination="pacs")) == 0.0
+    assert events == [("answer", 0), ("answer", 1), ("answer", 2), ("journal", (first,), 3),
+                      ("answer", 3), ("answer", 4), ("answer", 5), ("journal", (second,), 3)]
+    assert states(journal, "pacs") == {"sent": 6}
+    assert all(d.attempts == 1 and d.unconfirmed_at is None and d.sent_at
+               for d in journal.deliveries_for(first) + journal.deliveries_for(second))

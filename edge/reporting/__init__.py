@@ -18,6 +18,7 @@ from pydicom import Dataset
 
 from edge.findings import Findings
 
+from . import iod_lookups
 from .annotate import annotate_image, tb_decision
 from .common import SERIES_NUMBERS
 from .equipment import Equipment, equipment_from_identity
@@ -30,6 +31,8 @@ from .uids import (OUTPUT_TYPES, REPORT_FORMAT_VERSION, content_digest, result_s
                    result_uid)
 
 logger = logging.getLogger(__name__)
+
+iod_lookups.install()   # highdicom's IOD table walks, answered once per SOP class
 
 __all__ = [
     "OUTPUT_TYPES", "REPORT_FORMAT_VERSION", "SERIES_NUMBERS", "Equipment",
