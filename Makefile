@@ -62,14 +62,20 @@ $(OHIF_DIR)/dist/index.html:
 # tritonserver (CPU, Python backend) in its own venv, because the wheel pins numpy < 2;
 # installed once into .cache/ (gitignored). Without it the Triton server tests skip.
 TRITON_VENV = .cache/triton-venv
-triton-server: $(TRITON_VENV)/.installed
+triton-server: $(TRITON_VENV)/ready
 
-$(TRITON_VENV)/.installed:
+# The wheel ships one Python-backend stub per Python version; the server looks for it in
+# backends/python, so the one of the venv's Python is copied there. `ready` is what the
+# tests check.
+$(TRITON_VENV)/ready:
 	@rm -rf $(TRITON_VENV) && $(PYTHON) -m venv $(TRITON_VENV) && \
-	if $(TRITON_VENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" onnxruntime "numpy<2"; then \
+	if $(TRITON_VENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" onnxruntime "numpy<2" && \
+	   server=$$($(TRITON_VENV)/bin/python -c 'import pathlib, pytriton; print(pathlib.Path(pytriton.__file__).parent / "tritonserver")') && \
+	   version=$$($(TRITON_VENV)/bin/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")') && \
+	   cp "$$server/python_backend_stubs/$$version/triton_python_backend_stub" "$$server/backends/python/"; then \
 	  touch $@ && echo "Triton test server: installed into $(TRITON_VENV)"; \
 	else rm -rf $(TRITON_VENV); \
-	  echo "Triton test server: pip install nvidia-pytriton failed; the Triton server tests will skip"; fi
+	  echo "Triton test server: installing nvidia-pytriton failed; the Triton server tests will skip"; fi
 
 demo: install
 	$(VENV)/bin/edge demo
