@@ -748,3 +748,29 @@ def test_others_bad_inputs_are_refused_with_named_arguments(others_case):
         build_sr(source, replace(findings, others=[replace(others[0], code={"value": "1"})]))
     with pytest.raises(ValueError, match=r"others\[0\]\.kind"):
         build_sr(source, replace(findings, others=[replace(others[0], kind="segmentation")]))
+
+
+def test_sr_built_without_rereading_equals_highdicoms_construction(tmp_path, monkeypatch):
+    """The SR's shortcut constructor (``sr.Comprehensive3DSR``) writes the same bytes as
+    highdicom's own, for every kind of report, and its content reads back the same."""
+    from edge.reporting import PredecessorDocument, sr as sr_module
+
+    source = make_source(tmp_path)
+    earlier = PredecessorDocument(study_instance_uid=str(source.StudyInstanceUID),
+                                  series_instance_uid="1.2.826.0.1.3680043.8.498.90",
+                                  sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                                  sop_instance_uid="1.2.826.0.1.3680043.8.498.91")
+    variants = [(make_findings(source), ()), (make_findings(source, positive=False, nodules=0), ()),
+                (make_findings(source, tb=False, spacing=False), ()),
+                (make_other_findings(source), ()), (make_other_findings(source, detector=False), ()),
+                (make_findings(source), (earlier,))]
+    for findings, predecessors in variants:
+        fast = build_sr(source, findings, source_digest="d", predecessors=predecessors)
+        assert type(fast) is sr_module.Comprehensive3DSR
+        with monkeypatch.context() as patch:
+            patch.setattr(sr_module, "Comprehensive3DSR", hd.sr.Comprehensive3DSR)
+            reference = build_sr(source, findings, source_digest="d", predecessors=predecessors)
+        assert type(reference) is hd.sr.Comprehensive3DSR
+        assert to_bytes(fast) == to_bytes(reference)
+        assert fast.content[0].ContentSequence == reference.content[0].ContentSequence
+        assert len(fast.content) == len(reference.content) == 1
