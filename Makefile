@@ -18,7 +18,7 @@ help:
 	@echo "make demo   - set up, start the appliance and send it sample chest X-rays (Ctrl-C stops)"
 	@echo "make test   - install test dependencies (Python extras, DCMTK, dicom3tools, Orthanc and its DICOMweb/web viewer plugins, Chromium, Prometheus, the OHIF viewer) and run the suite"
 	@echo "make bench  - end-to-end benchmark against real DICOM peers"
-	@echo "make models - retrain the demonstration models (needs the 'train' extra, ~30 min on 2 cores)"
+	@echo "make models - retrain the demonstration models (needs the 'train' extra, ~80 min on 2 cores)"
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)

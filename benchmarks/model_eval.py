@@ -1,19 +1,24 @@
 """Evaluate the shipped models on held-out full-resolution DICOM phantoms.
 
-    python -m benchmarks.model_eval --count 150 --seed 424242 [--json PATH] [--update-cards]
+    python -m benchmarks.model_eval --count 200 --seed 424242 [--json PATH] [--update-cards]
 
 Generates ``count`` phantoms (seeds ``seed .. seed+count-1``, disjoint from the training
-seeds) at 2000-3000 px with ``engines.train.phantom``, writes them as DICOM files in a
-temporary folder, reads them back like the appliance (pixels, modality LUT, DICOM window,
-MONOCHROME1 inversion, area resize, ``to_model_input``), runs the ONNX models with ONNX
-Runtime and prints the figures quoted in the model cards:
+seeds) at 2000-3000 px with ``engines.train.phantom``, with all of its realism drawn per
+image (DR or CR reader, plain / unsharp-mask / multi-scale processing, tone curves,
+windows or none, both polarities, scatter, collimation, devices and burned-in text;
+nodules and masses of 5-60 mm, alone, several or metastatic). They are written as DICOM
+files (DX or CR) in a temporary folder and read back like the appliance (pixels,
+modality LUT, DICOM window or percentiles, MONOCHROME1 inversion, area resize,
+``to_model_input``); the ONNX models run with ONNX Runtime and the figures quoted in the
+model cards are printed:
 
 - TB: ROC AUC, sensitivity at 70% specificity (WHO target product profile: 90% sensitivity
   at 70% specificity), and sensitivity/specificity at the manifest threshold.
-- Nodules: sensitivity at 0.5, 1 and 2 false positives per image, overall and by size
-  (< 8 mm, >= 8 mm). A detection hits a true nodule when its centre lies inside the true
-  box or their IoU >= 0.3; further detections on an already found nodule count as false
-  positives.
+- Nodules and masses: sensitivity at 0.5, 1 and 2 false positives per image, overall and
+  by size (< 8 mm, 8-30 mm, > 30 mm, and all >= 8 mm), then by processing style at the
+  1-FP/image operating point of the whole set. A detection hits a true lesion when its
+  centre lies inside the true box or their IoU >= 0.3; further detections on an already
+  found lesion count as false positives.
 """
 from __future__ import annotations
 
@@ -28,153 +33,19 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from engines.preprocess import to_model_input
+# the metrics live in engines.train.metrics (shared with the training run); re-exported here
+from engines.train.metrics import (  # noqa: F401
+    decode_detections, froc, operating_point, roc_auc, sensitivity_at_specificity, size_groups,
+)
 
 logger = logging.getLogger(__name__)
 
-FP_RATES = (0.5, 1.0, 2.0)
 FROC_MIN_SCORE = 0.02   # lowest detection score kept for the FROC sweep
-SMALL_MM = 8.0
-Detection = tuple[float, float, float, float, float]
-
-
-# ----------------------------------------------------------------------------- metrics
-
-def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted half)."""
-    pos = np.asarray(positive, np.float64)
-    neg = np.asarray(negative, np.float64)
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("roc_auc: need at least one positive and one negative score")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (pos.size * neg.size))
-
-
-def sensitivity_at_specificity(positive: Sequence[float], negative: Sequence[float],
-                               specificity: float) -> tuple[float, float]:
-    """Sensitivity at the lowest threshold whose specificity is >= ``specificity``.
-
-    A case is called positive when its score is strictly above the threshold. Returns
-    ``(sensitivity, threshold)``.
-    """
-    pos = np.asarray(positive, np.float64)
-    neg = np.sort(np.asarray(negative, np.float64))
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("sensitivity_at_specificity: need positive and negative scores")
-    k = int(np.ceil(specificity * neg.size)) - 1      # at least k+1 negatives <= threshold
-    threshold = float(neg[min(max(k, 0), neg.size - 1)])
-    return float(np.mean(pos > threshold)), threshold
-
-
-def _hits(det: Detection, boxes: np.ndarray) -> np.ndarray:
-    """Which true boxes a detection hits (centre inside, or IoU >= 0.3)."""
-    if len(boxes) == 0:
-        return np.zeros(0, bool)
-    x1, y1, x2, y2 = det[:4]
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    inside = (boxes[:, 0] <= cx) & (cx <= boxes[:, 2]) & (boxes[:, 1] <= cy) & (cy <= boxes[:, 3])
-    ix = np.clip(np.minimum(x2, boxes[:, 2]) - np.maximum(x1, boxes[:, 0]), 0, None)
-    iy = np.clip(np.minimum(y2, boxes[:, 3]) - np.maximum(y1, boxes[:, 1]), 0, None)
-    inter = ix * iy
-    union = (x2 - x1) * (y2 - y1) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
-    return inside | (iou >= 0.3)
-
-
-def froc(per_image: Sequence[tuple[Sequence[Detection], np.ndarray, Sequence[float]]],
-         fp_rates: Sequence[float] = FP_RATES) -> dict[str, Any]:
-    """Sensitivity at given false positives per image, overall and by nodule size.
-
-    ``per_image``: (detections with scores, true boxes [M, 4], true diameters in mm).
-    Detections are matched greedily in score order within each image. Returns
-    ``{"all"|"small"|"large": {"0.5": sens, ...}, "counts": {...}, "thresholds": {...}}``.
-    """
-    events = []      # (score, is_tp, group of the nodule found or None)
-    counts = {"all": 0, "small": 0, "large": 0}
-    for dets, boxes, sizes in per_image:
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        found = np.zeros(len(boxes), bool)
-        for mm in sizes:
-            counts["all"] += 1
-            counts["small" if mm < SMALL_MM else "large"] += 1
-        for det in sorted(dets, key=lambda d: -d[4]):
-            hit = _hits(det, boxes) & ~found
-            if hit.any():
-                j = int(np.argmax(hit))
-                found[j] = True
-                events.append((det[4], True, "small" if sizes[j] < SMALL_MM else "large"))
-            else:
-                events.append((det[4], False, None))
-    n_images = max(1, len(per_image))
-    events.sort(key=lambda e: -e[0])
-    result: dict[str, Any] = {g: {} for g in counts}
-    result["counts"] = dict(counts, images=len(per_image))
-    result["thresholds"] = {}
-    for rate in fp_rates:
-        tp = {"all": 0, "small": 0, "large": 0}
-        fp = 0
-        best = dict(tp)
-        threshold = 1.0
-        i = 0
-        while i < len(events):
-            score = events[i][0]
-            step_fp, step_tp = 0, dict.fromkeys(tp, 0)
-            while i < len(events) and events[i][0] == score:   # ties enter together
-                if events[i][1]:
-                    step_tp["all"] += 1
-                    step_tp[events[i][2]] += 1
-                else:
-                    step_fp += 1
-                i += 1
-            if (fp + step_fp) / n_images > rate:
-                break
-            fp += step_fp
-            tp = {g: tp[g] + step_tp[g] for g in tp}
-            best, threshold = dict(tp), score
-        key = f"{rate:g}"
-        for g in counts:
-            result[g][key] = best[g] / counts[g] if counts[g] else float("nan")
-        result["thresholds"][key] = threshold
-    return result
-
-
-def operating_point(per_image: Sequence[tuple[Sequence[Detection], np.ndarray, Sequence[float]]],
-                    threshold: float) -> dict[str, float]:
-    """Sensitivity and false positives per image when keeping detections >= ``threshold``."""
-    found_total, nodules, fps = 0, 0, 0
-    for dets, boxes, _ in per_image:
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        found = np.zeros(len(boxes), bool)
-        nodules += len(boxes)
-        for det in sorted((d for d in dets if d[4] >= threshold), key=lambda d: -d[4]):
-            hit = _hits(det, boxes) & ~found
-            if hit.any():
-                found[int(np.argmax(hit))] = True
-            else:
-                fps += 1
-        found_total += int(found.sum())
-    return {"threshold": threshold, "sensitivity": found_total / nodules if nodules else float("nan"),
-            "fp_per_image": fps / max(1, len(per_image))}
-
-
-# ----------------------------------------------------------------------------- decoding
-
-def decode_detections(outputs: dict[str, np.ndarray], *, stride: int, score_threshold: float,
-                      nms_iou: float, max_detections: int) -> list[Detection]:
-    """Decode CenterNet outputs with ``engines.decode`` at the given settings (model-input px)."""
-    from types import SimpleNamespace
-
-    from engines.decode import decode_centernet
-
-    spec = SimpleNamespace(decoding="centernet", heatmap="nodule_heatmap", size="nodule_size",
-                           offset="nodule_offset", stride=stride, score_threshold=score_threshold,
-                           nms_iou=nms_iou, max_detections=max_detections)
-    return decode_centernet(outputs, SimpleNamespace(output=spec, name="nodule_detector"))
 
 
 # ----------------------------------------------------------------------------- data
@@ -187,7 +58,9 @@ def _generate_one(args: tuple[int, str]) -> dict[str, Any]:
     name = f"heldout_{seed}.dcm"
     phantom.write_dicom(case, Path(out_dir) / name)
     return {"file": name, "seed": seed, "tb": bool(case.tb), "rows": int(case.pixels.shape[0]),
-            "cols": int(case.pixels.shape[1]),
+            "cols": int(case.pixels.shape[1]), "style": case.style["style"],
+            "photometric": case.photometric, "window": case.window_center is not None,
+            "spacing": case.spacing_attribute is not None,
             "nodules": [{"box": [float(v) for v in n["box"]], "diameter_mm": float(n["diameter_mm"])}
                         for n in case.nodules]}
 
@@ -280,6 +153,16 @@ def evaluate(*, models_dir: Path, count: int, seed: int, workers: int = 2,
     clean = [p for p in per_image if len(p[1]) == 0]
     result["nodules"]["fp_per_clean_image_at_threshold"] = (
         operating_point(clean, float(det_out.score_threshold))["fp_per_image"] if clean else float("nan"))
+    # by processing style, at the whole set's 1-FP/image operating point
+    at_1fp = float(result["nodules"]["thresholds"]["1"])
+    result["nodules"]["by_style"] = {}
+    for style in sorted({t["style"] for t in truth}):
+        subset = [p for p, t in zip(per_image, truth) if t["style"] == style]
+        result["nodules"]["by_style"][style] = dict(operating_point(subset, at_1fp), images=len(subset))
+    result["conditions"] = {
+        "monochrome1": sum(t["photometric"] == "MONOCHROME1" for t in truth),
+        "no_window": sum(not t["window"] for t in truth),
+        "no_spacing": sum(not t["spacing"] for t in truth)}
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -292,11 +175,14 @@ def format_report(result: dict[str, Any]) -> str:
     """Markdown summary of :func:`evaluate` (what the model cards quote)."""
     tb, nod = result["tb"], result["nodules"]
     counts = nod["counts"]
+    cond = result.get("conditions", {})
     lines = [
         f"Command: `python -m benchmarks.model_eval --count {result['count']} --seed {result['seed']}` "
         f"({result['count']} phantoms, seeds {result['seed']}..{result['seed'] + result['count'] - 1}, "
-        f"{result['image_sizes'][0]}-{result['image_sizes'][1]} px wide, written as DICOM and read back "
-        "through the DICOM window and area resize like the appliance).",
+        f"{result['image_sizes'][0]}-{result['image_sizes'][1]} px wide, every realism option drawn per "
+        f"image ({cond.get('monochrome1', 0)} MONOCHROME1, {cond.get('no_window', 0)} without a window, "
+        f"{cond.get('no_spacing', 0)} without pixel spacing), written as DICOM and read back through "
+        "the window or percentiles and the area resize like the appliance).",
         "",
         f"**TB classifier** ({tb['positives']} TB, {tb['negatives']} clean):",
     ]
@@ -311,19 +197,29 @@ def format_report(result: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        f"**Nodule detector** ({counts['all']} nodules in {counts['images']} images: "
-        f"{counts['small']} < 8 mm, {counts['large']} >= 8 mm). Sensitivity at false positives per image:",
+        f"**Nodule/mass detector** ({counts['all']} lesions in {counts['images']} images: "
+        f"{counts['small']} < 8 mm, {counts['medium']} 8-30 mm, {counts['large']} > 30 mm). "
+        "Sensitivity at false positives per image:",
         "",
-        "| FP / image | all | < 8 mm | >= 8 mm | score threshold |",
-        "|---|---|---|---|---|",
+        "| FP / image | all | < 8 mm | 8-30 mm | > 30 mm | **>= 8 mm** | score threshold |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in nod["thresholds"]:
         lines.append(f"| {key} | {_pct(nod['all'][key])} | {_pct(nod['small'][key])} | "
-                     f"{_pct(nod['large'][key])} | {nod['thresholds'][key]:.3f} |")
+                     f"{_pct(nod['medium'][key])} | {_pct(nod['large'][key])} | **{_pct(nod['ge8'][key])}** | "
+                     f"{nod['thresholds'][key]:.3f} |")
+    if nod.get("by_style"):
+        lines += ["", f"By processing style, at the 1 FP/image threshold of the whole set "
+                      f"({nod['thresholds']['1']:.3f}):", "",
+                  "| style | images | lesions >= 8 mm | sensitivity >= 8 mm | all lesions | FP / image |",
+                  "|---|---|---|---|---|---|"]
+        for style, op in nod["by_style"].items():
+            lines.append(f"| {style} | {op['images']} | {op['lesions']['ge8']} | {_pct(op['by_size']['ge8'])} | "
+                         f"{_pct(op['sensitivity'])} | {op['fp_per_image']:.2f} |")
     op = nod["at_threshold"]
-    lines += ["", f"At the manifest score threshold {op['threshold']:.2f}: sensitivity {_pct(op['sensitivity'])}, "
-              f"{op['fp_per_image']:.2f} false positives per image "
-              f"({nod['fp_per_clean_image_at_threshold']:.2f} on images without nodules)."]
+    lines += ["", f"At the manifest score threshold {op['threshold']:.2f}: sensitivity {_pct(op['sensitivity'])} "
+              f"(>= 8 mm: {_pct(op['by_size']['ge8'])}), {op['fp_per_image']:.2f} false positives per image "
+              f"({nod['fp_per_clean_image_at_threshold']:.2f} on images without lesions)."]
     return "\n".join(lines) + "\n"
 
 
@@ -344,12 +240,31 @@ def update_cards(models_dir: Path, report: str) -> list[Path]:
     return written
 
 
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def update_results(report: str, path: Path = RESULTS_MD) -> Path:
+    """Replace (or append) the model-evaluation section of ``benchmarks/RESULTS.md``."""
+    from engines.train.export import EVAL_BEGIN, EVAL_END
+
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    section = (f"{EVAL_BEGIN}\n## Demonstration models on held-out phantoms\n\n"
+               f"Generated by `python -m benchmarks.model_eval --update-results`.\n\n{report.rstrip()}\n{EVAL_END}")
+    pattern = re.compile(re.escape(EVAL_BEGIN) + ".*?" + re.escape(EVAL_END), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engines.train.data import EVAL_SEED_DEFAULT
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.model_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=150, help="held-out phantoms (default 150)")
+    parser.add_argument("--count", type=int, default=200, help="held-out phantoms (default 200)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED_DEFAULT, help="first phantom seed")
     parser.add_argument("--models-dir", type=Path, default=Path(__file__).resolve().parent.parent
                         / "engines" / "models", help="folder with tb_classifier/ and nodule_detector/")
@@ -358,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=Path, default=None, help="keep the DICOM files in this folder")
     parser.add_argument("--update-cards", action="store_true",
                         help="rewrite the measured-performance section of both MODEL_CARD.md files")
+    parser.add_argument("--update-results", action="store_true",
+                        help="rewrite the model-evaluation section of benchmarks/RESULTS.md")
     return parser
 
 
@@ -377,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.update_cards:
         for path in update_cards(args.models_dir, report):
             print(f"updated {path}")
+    if args.update_results:
+        print(f"updated {update_results(report)}")
     return 0
 
 

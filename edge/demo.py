@@ -36,20 +36,24 @@ class SamplePatient:
     view: str          # ViewPosition: PA, AP or LL (lateral)
     tb: bool
     nodules: bool
+    lesions: str | None = None   # the phantom's lesion pattern (engines.train.phantom_masses)
+    style: str | None = None     # the phantom's reader and processing (None: drawn from the seed)
 
 
 #: A morning's worklist in a district hospital: frontal PA and a portable AP image that are
 #: analysed, a lateral and a child that triage skips with the reason, every name in
 #: Vietnamese with its diacritics.
 WORKLIST: tuple[SamplePatient, ...] = (
-    SamplePatient("NGUYỄN^VĂN AN", "M", "045Y", "PA", tb=True, nodules=True),     # refer, nodules
+    SamplePatient("NGUYỄN^VĂN AN", "M", "045Y", "PA", tb=True, nodules=True,      # refer, nodules
+                  lesions="multiple", style="dr_plain"),
     SamplePatient("HOÀNG^VĂN EM", "M", "052Y", "LL", tb=False, nodules=False),    # skipped: lateral
     SamplePatient("TRẦN^THỊ BÌNH", "F", "032Y", "PA", tb=False, nodules=False),   # no TB signs
     SamplePatient("VŨ^THỊ HOA", "F", "009Y", "PA", tb=False, nodules=False),      # skipped: a child
-    SamplePatient("PHẠM^THỊ DUNG", "F", "027Y", "PA", tb=False, nodules=True),    # a nodule
+    SamplePatient("PHẠM^THỊ DUNG", "F", "027Y", "PA", tb=False, nodules=True,     # a mass, a nodule
+                  lesions="mass"),
     SamplePatient("LÊ^VĂN CƯỜNG", "M", "061Y", "AP", tb=True, nodules=False),     # portable AP, refer
 )
-SAMPLES_VERSION = "2"   # bump when the worklist changes: samples are cached per version
+SAMPLES_VERSION = "3"   # bump when the worklist changes: samples are cached per version
 
 _LATERAL_VIEW_CODE = ("399173006", "SCT", "left lateral")   # ViewPosition LL
 _VIEW_CODES = {"PA": ("399348003", "SCT", "postero-anterior"),
@@ -57,12 +61,13 @@ _VIEW_CODES = {"PA": ("399348003", "SCT", "postero-anterior"),
 
 
 def sample_dataset(index: int, patient: SamplePatient):
-    """The DX image (with file meta) the X-ray machine sends for worklist entry ``index``;
+    """The DX or CR image (with file meta) the X-ray machine sends for worklist entry ``index``;
     the same index gives the same bytes."""
     from engines.train.phantom import generate_case
     from engines.train.phantom_dicom import add_file_meta, build_dataset
 
-    case = generate_case(1000 + index, size=2048, tb=patient.tb, nodules=patient.nodules)
+    case = generate_case(1000 + index, size=2048, tb=patient.tb, nodules=patient.nodules,
+                         lesions=patient.lesions, style=patient.style)
     case.view = "AP" if patient.view == "AP" else "PA"
     ds = build_dataset(case, patient_name=patient.name, patient_id=f"DEMO{index + 1:04d}",
                        patient_age=patient.age)

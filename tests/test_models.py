@@ -124,20 +124,28 @@ def _centre_inside(det, box, margin: float) -> bool:
 
 
 def test_detector_finds_large_nodules(models):
+    """Masses and large nodules are found at the manifest threshold with few false marks.
+
+    The held-out figures by size are in the model card: masses > 30 mm are nearly all
+    found, many 8-20 mm nodules are still missed, so the bar is set per size. A randomly
+    initialised network finds almost none of them at <= 1 false mark per image."""
     model = models["nodule_detector"]
-    found, total, false_pos = 0, 0, 0
+    found: dict[str, list[bool]] = {"> 30 mm": [], ">= 20 mm": [], ">= 8 mm": []}
+    false_pos = 0
     for seed in NODULE_SEEDS:
         case = phantom.generate_case(seed, size=SIZE, nodules=True, tb=False)
         dets = _detections_full_res(model, case)
-        margin = 0.01 * min(case.pixels.shape)   # ~10 px: boxes are tight around the sphere
+        margin = 0.01 * min(case.pixels.shape)   # ~10 px: boxes are tight around the lesion
         for nodule in case.nodules:
-            if nodule["diameter_mm"] < 8.0:
-                continue
-            total += 1
-            found += any(_centre_inside(d, nodule["box"], margin) for d in dets)
+            hit = any(_centre_inside(d, nodule["box"], margin) for d in dets)
+            for group, low in (("> 30 mm", 30.0), (">= 20 mm", 20.0), (">= 8 mm", 8.0)):
+                if nodule["diameter_mm"] > low or (group != "> 30 mm" and nodule["diameter_mm"] == low):
+                    found[group].append(hit)
         false_pos += sum(not any(_centre_inside(d, n["box"], margin) for n in case.nodules) for d in dets)
-    assert total >= 4
-    assert found / total >= 0.75, f"found {found} of {total} nodules >= 8 mm"
+    assert len(found["> 30 mm"]) >= 2 and len(found[">= 20 mm"]) >= 6 and len(found[">= 8 mm"]) >= 20
+    assert all(found["> 30 mm"]), found
+    assert np.mean(found[">= 20 mm"]) >= 0.8, found
+    assert np.mean(found[">= 8 mm"]) >= 0.4, found
     assert false_pos <= len(NODULE_SEEDS), f"{false_pos} false positives on {len(NODULE_SEEDS)} images"
 
 
@@ -217,9 +225,24 @@ def test_froc_counts_hits_duplicates_and_sizes():
         ([(55, 55, 65, 65, 0.6)], truth[1:], [20.0]),
     ]
     result = froc(per_image, fp_rates=(0.5, 0.7))
-    assert result["counts"] == {"all": 3, "small": 1, "large": 2, "images": 3}
+    assert result["counts"] == {"all": 3, "small": 1, "ge8": 2, "medium": 2, "large": 0, "images": 3}
     # <= 1.5 FP allowed: threshold 0.8 (1 FP) -> small found only
-    assert result["small"]["0.5"] == 1.0 and result["large"]["0.5"] == 0.0
+    assert result["small"]["0.5"] == 1.0 and result["ge8"]["0.5"] == 0.0
     # <= 2.1 FP allowed: down to 0.6 (2 FP) -> 2 of 3 found; 0.2 would be the 3rd FP
     assert result["all"]["0.7"] == pytest.approx(2 / 3) and result["thresholds"]["0.7"] == 0.6
-    assert result["large"]["0.7"] == 0.5
+    assert result["ge8"]["0.7"] == 0.5 and result["medium"]["0.7"] == 0.5
+    assert result["large"]["0.7"] != result["large"]["0.7"]      # no mass: nan
+
+
+def test_size_groups_and_operating_point_by_size():
+    from benchmarks.model_eval import operating_point, size_groups
+
+    assert size_groups(5.0) == ("small",)
+    assert size_groups(8.0) == ("ge8", "medium") and size_groups(30.0) == ("ge8", "medium")
+    assert size_groups(30.5) == ("ge8", "large")
+    truth = np.array([[0, 0, 10, 10], [50, 50, 100, 100]], np.float64)
+    per_image = [([(1, 1, 9, 9, 0.9), (60, 60, 90, 90, 0.4), (200, 200, 210, 210, 0.5)], truth, [6.0, 45.0])]
+    op = operating_point(per_image, 0.45)
+    assert op["by_size"]["small"] == 1.0 and op["by_size"]["large"] == 0.0
+    assert op["fp_per_image"] == 1.0 and op["lesions"]["ge8"] == 1
+    assert operating_point(per_image, 0.3)["by_size"]["large"] == 1.0

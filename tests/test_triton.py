@@ -27,6 +27,7 @@ from engines.manifest import load_manifest
 from engines.runners.triton_runner import (TritonModelMismatch, TritonSettings, TritonUnavailable,
                                            check_server)
 from engines.store import load_model, model_folders
+from engines.triton_export import triton_version
 
 MODELS = Path(DEFAULT_MODELS_DIR)
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -61,10 +62,11 @@ def test_export_triton_writes_onnxruntime_and_tensorrt_repositories(tmp_path):
         for platform in ("onnxruntime_onnx", "tensorrt_plan"):
             config = (out / platform / manifest.name / "config.pbtxt").read_text()
             assert f'platform: "{platform}"' in config
-            assert "version_policy: { specific: { versions: [ 1000 ] } }" in config   # 0.1.0
+            number = triton_version(manifest.version)     # 0.2.0 is 2000
+            assert f"version_policy: {{ specific: {{ versions: [ {number} ] }} }}" in config
             assert "dynamic_batching" in config and "max_batch_size: 8" in config
             assert f'string_value: "{manifest.sha256}"' in config
-            assert (out / platform / manifest.name / "1000" / "model.onnx").is_file()
+            assert (out / platform / manifest.name / str(number) / "model.onnx").is_file()
     assert "trtexec --onnx=" in (out / "README.txt").read_text()
 
 
@@ -211,7 +213,8 @@ def test_echo_triton(triton, tmp_path):
     srv = EdgeServer(tmp_path, extra={"models": {"backend": "triton", "triton_url": triton.grpc_url}})
     proc = srv.edge("echo", "triton", check=False)
     assert proc.returncode == 0, proc.stderr
-    assert "OK" in proc.stdout and "tb_classifier 0.1.0: ready, matches the manifest" in proc.stdout
+    version = load_manifest(MODELS / "tb_classifier").version
+    assert "OK" in proc.stdout and f"tb_classifier {version}: ready, matches the manifest" in proc.stdout
     image = make_dx(tmp_path / "one.dcm", rows=1024, cols=1024, seed=3)
     analysed = json.loads(srv.edge("analyze", "--json", str(tmp_path / "one.dcm")).stdout)
     assert analysed["sop_instance_uid"] == image.SOPInstanceUID
@@ -227,7 +230,8 @@ def test_model_not_matching_the_manifest_is_refused(tmp_path):
     config = repo / "tb_classifier" / "config.pbtxt"
     config.write_text(config.read_text().replace(tb.sha256, "0" * 64))
     shutil.rmtree(repo / "nodule_detector")
-    write_python_repository(MODELS, tmp_path / "other", version_override="0.2.0")
+    det = load_manifest(MODELS / "nodule_detector")
+    write_python_repository(MODELS, tmp_path / "other", version_override="9.2.0")
     shutil.move(str(tmp_path / "other" / "nodule_detector"), str(repo / "nodule_detector"))
     server = _start_server(tmp_path, repo)
     try:
@@ -237,7 +241,8 @@ def test_model_not_matching_the_manifest_is_refused(tmp_path):
         errors = {m["name"]: m["error"] for m in result["models"]}
         assert all(not m["ready"] and m["mismatch"] for m in result["models"])
         assert "manifest_sha256 000000000000... on Triton" in errors["tb_classifier"]
-        assert "version 2000 on Triton, manifest version 0.1.0 is Triton version 1000" in errors["nodule_detector"]
+        assert (f"version 9002000 on Triton, manifest version {det.version} is Triton version "
+                f"{triton_version(det.version)}") in errors["nodule_detector"]
         (tmp_path / "box").mkdir(exist_ok=True)
         srv = EdgeServer(tmp_path / "box", extra={"models": {"backend": "triton",
                                                             "triton_url": server.grpc_url}})

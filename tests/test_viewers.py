@@ -69,7 +69,8 @@ def trial(tmp_path_factory):
         outputs=["source", "sr", "gsps", "sc"])])
     try:
         server.start()
-        cases = {"nodules": generate_case(2, size=SOURCE_COLUMNS, tb=True, nodules=True),
+        cases = {"nodules": generate_case(2, size=SOURCE_COLUMNS, tb=True, nodules=True,
+                                          lesions="metastatic"),
                  "negative": generate_case(11, size=SOURCE_COLUMNS, tb=False, nodules=False)}
         files = {name: tmp / f"{name}.dcm" for name in cases}
         sources = {name: write_dicom(case, files[name], patient_name=f"PHANTOM^{name.upper()}")

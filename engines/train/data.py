@@ -2,10 +2,14 @@
 
 Each case is rendered by ``engines.train.phantom`` at a size somewhat above the model
 inputs and turned into a display-polarity unit image with ``phantom.unit_image`` (what the
-appliance does to a received image). Those unit images are cached (in memory and, keyed by
-the phantom source hash, on disk) because rendering dominates the CPU budget. Each training
-sample is then a random crop (small shift and scale), intensity change (contrast, gamma,
-brightness, as if another window were used), flip, noise and blur, passed through
+appliance does to a received image). The generator already draws a reader and processing
+per case (DR/CR, edge enhancement or multi-scale contrast, tone curve, window or none).
+Those unit images are cached (in memory and, keyed by the phantom source hash, on disk)
+because rendering dominates the CPU budget. Each training sample is then a random crop
+(small shift and scale), flip, and a second layer of domain randomisation on the fly:
+edge enhancement or smoothing at a random scale and strength, a tone change (gamma,
+contrast, brightness, S-curve, as if another window or reader were used), noise and blur,
+so that no single rendering choice can be learnt. The result passes through
 ``engines.preprocess.to_model_input`` exactly as the appliance does.
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ class RenderedCase:
     nodule_boxes: np.ndarray          # [M, 4] float32 nodule boxes
     nodule_mm: np.ndarray             # [M] float32 nodule diameters in mm
     seed: int = 0
+    style: str = ""                   # reader and processing (phantom_imaging.STYLES)
 
 
 @dataclass
@@ -83,6 +88,7 @@ def render_case(seed: int, size: int) -> RenderedCase:
         nodule_boxes=_boxes(case.nodules),
         nodule_mm=np.asarray([n["diameter_mm"] for n in case.nodules], np.float32),
         seed=seed,
+        style=str(case.style.get("style", "")),
     )
 
 
@@ -105,6 +111,7 @@ def _save_chunk(path: Path, cases: list[RenderedCase]) -> None:
         arrays[f"nmm{i}"] = c.nodule_mm
     arrays["tb"] = np.asarray([c.tb for c in cases])
     arrays["seeds"] = np.asarray([c.seed for c in cases], np.int64)
+    arrays["styles"] = np.asarray([c.style for c in cases], dtype="U32")
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -114,7 +121,8 @@ def _load_chunk(path: Path) -> list[RenderedCase]:
     with np.load(path) as data:
         return [RenderedCase(image=data[f"image{i}"], tb=bool(data["tb"][i]),
                              tb_boxes=data[f"tbb{i}"], nodule_boxes=data[f"nb{i}"],
-                             nodule_mm=data[f"nmm{i}"], seed=int(data["seeds"][i]))
+                             nodule_mm=data[f"nmm{i}"], seed=int(data["seeds"][i]),
+                             style=str(data["styles"][i]))
                 for i in range(len(data["seeds"]))]
 
 
@@ -165,6 +173,35 @@ def _box_blur(image: np.ndarray) -> np.ndarray:
     return out / 9.0
 
 
+def _box_mean(image: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 box with edge padding, by cumulative sums (any radius)."""
+    if radius < 1:
+        return image
+    k = 2 * radius + 1
+    padded = np.pad(image, radius, mode="edge").astype(np.float64)
+    c = np.cumsum(np.pad(padded, ((1, 0), (0, 0))), axis=0)
+    rows = c[k:] - c[:-k]
+    c = np.cumsum(np.pad(rows, ((0, 0), (1, 0))), axis=1)
+    return ((c[:, k:] - c[:, :-k]) / (k * k)).astype(np.float32)
+
+
+def _reprocess(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Another reader's processing on top: unsharp masking (edge enhancement with halos)
+    or smoothing at a random scale, and an S-curve or its inverse (latitude)."""
+    if rng.random() < 0.5 * strength:
+        radius = int(rng.integers(1, 9))
+        gain = float(rng.uniform(-0.4, 2.0)) * strength      # < 0: a softer reader
+        image = image + np.float32(gain) * (image - _box_mean(image, radius))
+    if rng.random() < 0.3 * strength:
+        slope = float(rng.uniform(2.0, 7.0))
+        centre = float(np.clip(rng.normal(0.5, 0.1), 0.3, 0.7))
+        lo, hi = (1.0 / (1.0 + math.exp(-slope * (v - centre))) for v in (0.0, 1.0))
+        curve = (1.0 / (1.0 + np.exp(-slope * (np.clip(image, -0.5, 1.5) - centre))) - lo) / (hi - lo)
+        mix = float(rng.uniform(0.3, 1.0))
+        image = (1.0 - mix) * image + mix * curve.astype(np.float32)
+    return image
+
+
 def _transform_boxes(boxes: np.ndarray, x0: float, y0: float, sx: float, sy: float,
                      width: int, height: int, flip: bool, clip: bool = True) -> np.ndarray:
     """Map boxes from rendered pixels through crop + resize (+ flip); optionally clip them."""
@@ -185,14 +222,15 @@ def _transform_boxes(boxes: np.ndarray, x0: float, y0: float, sx: float, sy: flo
 def augment(case: RenderedCase, height: int, width: int, rng: np.random.Generator, *,
             mean: float = 0.5, std: float = 0.25, strength: float = 1.0,
             patch: int | None = None, focus: float = 0.0, intensity: float = 1.0,
-            noise: float = 1.0, blur: float = 1.0) -> Sample:
-    """Random crop/shift/scale, intensity, flip, noise and blur, then ``to_model_input``.
+            noise: float = 1.0, blur: float = 1.0, reprocess: float = 0.0) -> Sample:
+    """Random crop/shift/scale, reprocessing, intensity, flip, noise and blur, then ``to_model_input``.
 
     The image is first cropped (88-100% of each side) and mapped to ``height`` x ``width``
     as the appliance would. With ``patch``, only a ``patch`` x ``patch`` window of that
     model-input view is produced (centred near a random nodule with probability
     ``focus``), which lets the fully convolutional detector train on 4x more windows
-    for the same compute. ``strength=0`` gives the plain appliance preprocessing.
+    for the same compute. ``reprocess`` scales the on-the-fly edge enhancement and tone
+    curves (``_reprocess``). ``strength=0`` gives the plain appliance preprocessing.
     """
     rows, cols = case.image.shape
     if strength > 0:
@@ -225,6 +263,8 @@ def augment(case: RenderedCase, height: int, width: int, rng: np.random.Generato
     flip = bool(strength > 0 and rng.random() < 0.5)
     if flip:
         resized = resized[:, ::-1]
+    if strength > 0 and reprocess > 0:
+        resized = _reprocess(np.ascontiguousarray(resized, dtype=np.float32), rng, strength * reprocess)
     if strength > 0 and intensity > 0:
         gamma = math.exp(rng.normal(0.0, 0.2 * strength * intensity))
         contrast = math.exp(rng.normal(0.0, 0.15 * strength * intensity))

@@ -11,6 +11,8 @@ Input is ``[1, 1, H, W]`` float32 from ``engines.preprocess.to_model_input``.
 - ``NoduleDetector``: a CenterNet-style network with a stride-4 output (see manifest.md for
   the tensor semantics): ``nodule_heatmap`` (sigmoid), ``nodule_size`` (box width and height
   in model-input pixels) and ``nodule_offset`` (sub-cell centre offset, sigmoid so 0..1).
+  Its deep stages (strides 16 and 32) can be wider than the rest (``deep_width``): they
+  see whole masses of 3-6 cm with their surroundings and cost little at that resolution.
 """
 from __future__ import annotations
 
@@ -97,13 +99,13 @@ class TBClassifier(nn.Module):
 
 
 class NoduleDetector(nn.Module):
-    """CenterNet-style nodule detector: input 512x512, outputs at stride 4 (128x128)."""
+    """CenterNet-style nodule/mass detector: input 512x512, outputs at stride 4 (128x128)."""
 
     stride = 4
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, deep_width: int | None = None) -> None:
         super().__init__()
-        c1, c2, c3, c4 = width, width * 2, width * 3, width * 4
+        c1, c2, c3, c4 = width, width * 2, width * 3, deep_width or width * 4
         self.stem = ConvBNReLU(1, c1, stride=2)                                     # /2
         self.stage2 = nn.Sequential(ConvBNReLU(c1, c2, stride=2), ResidualBlock(c2))  # /4
         self.stage3 = nn.Sequential(ConvBNReLU(c2, c3, stride=2), ResidualBlock(c3))  # /8

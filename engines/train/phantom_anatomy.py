@@ -165,7 +165,8 @@ def sample_anatomy(rng: np.random.Generator, view: str) -> Anatomy:
     sex = "F" if rng.random() < 0.5 else "M"
     size = float(np.clip(rng.normal(1.0, 0.07), 0.84, 1.18)) * (1.04 if sex == "M" else 0.97)
     rib_spacing = 24.0 * size * float(rng.uniform(0.95, 1.05))
-    ribs_above_dome = float(rng.uniform(8.6, 10.8))          # inspiration depth
+    # inspiration depth: supine and portable (AP) images are often taken in poorer inspiration
+    ribs_above_dome = float(rng.uniform(7.8, 10.2) if view == "AP" else rng.uniform(8.6, 10.8))
     dome_right = -6.0 + (ribs_above_dome - 1.0) * rib_spacing
     half_width = float(rng.uniform(128.0, 152.0)) * size
     rotation = float(np.clip(rng.normal(0.0, 5.0), -14.0, 14.0))

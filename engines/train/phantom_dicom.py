@@ -1,8 +1,11 @@
-"""DICOM writer for chest phantoms: Digital X-Ray Image Storage - For Presentation.
+"""DICOM writer for chest phantoms: DX For Presentation (DR) or CR Image Storage (CR).
 
-The object carries every type 1 and 2 attribute of the DX modules so that ``dciodvfy``
-reports no errors, and all UIDs, dates and times are derived from the case seed, so the
-same seed writes the same bytes.
+A DR case is written as Digital X-Ray Image Storage - For Presentation with every type 1
+and 2 attribute of the DX modules; a CR case as Computed Radiography Image Storage, the
+way CR readers send, where the pixel spacing may be ImagerPixelSpacing, PixelSpacing or
+absent. Either way ``dciodvfy`` reports no errors. A case without a window is written
+without one (the appliance then uses percentiles). All UIDs, dates and times are derived
+from the case seed, so the same seed writes the same bytes.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 logger = logging.getLogger(__name__)
 
 DX_PRESENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
+CR_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _LOSSLESS = {
     "1.2.840.10008.1.2.5",        # RLE Lossless
@@ -55,16 +59,21 @@ def build_dataset(case, *, patient_name: str = "PHANTOM^CHEST", patient_id: str 
     rows, cols = case.pixels.shape
     view = case.view if case.view in ("PA", "AP") else "PA"
 
+    cr = getattr(case, "modality", "DX") == "CR"
+    spacing_attribute = getattr(case, "spacing_attribute", "ImagerPixelSpacing")
+    if not cr:
+        spacing_attribute = "ImagerPixelSpacing"       # type 1 in the DX Detector module
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["DERIVED", "PRIMARY"]
-    ds.SOPClassUID = DX_PRESENTATION_SOP_CLASS
+    ds.ImageType = ["DERIVED", "PRIMARY"] if not cr else ["ORIGINAL", "PRIMARY"]
+    ds.SOPClassUID = CR_IMAGE_SOP_CLASS if cr else DX_PRESENTATION_SOP_CLASS
     ds.SOPInstanceUID = _uid(case, "instance")
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
     ds.AccessionNumber = f"PH{case.seed % 10**14:014d}"[-16:]
-    ds.Modality = "DX"
-    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.Modality = "CR" if cr else "DX"
+    if not cr:
+        ds.PresentationIntentType = "FOR PRESENTATION"
     ds.Manufacturer = "xray-edge phantom generator"
     ds.InstitutionName = "Phantom"
     ds.ReferringPhysicianName = ""
@@ -79,10 +88,13 @@ def build_dataset(case, *, patient_name: str = "PHANTOM^CHEST", patient_id: str 
     ds.PatientAge = patient_age
     ds.BodyPartExamined = "CHEST"
     ds.KVP = 120
-    ds.SoftwareVersions = "phantom 1"
-    ds.ImagerPixelSpacing = [f"{case.pixel_spacing_mm:.6f}", f"{case.pixel_spacing_mm:.6f}"]
-    ds.DetectorType = "SCINTILLATOR"
-    ds.PositionerType = "NONE"
+    ds.SoftwareVersions = "phantom 2"
+    spacing = [f"{case.pixel_spacing_mm:.6f}", f"{case.pixel_spacing_mm:.6f}"]
+    if spacing_attribute == "ImagerPixelSpacing":
+        ds.ImagerPixelSpacing = spacing
+    if not cr:
+        ds.DetectorType = "SCINTILLATOR"
+        ds.PositionerType = "NONE"
     ds.ViewPosition = view
     ds.StudyInstanceUID = study_instance_uid or _uid(case, "study")
     ds.SeriesInstanceUID = _uid(case, "series")
@@ -91,7 +103,8 @@ def build_dataset(case, *, patient_name: str = "PHANTOM^CHEST", patient_id: str 
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]
-    ds.ImageLaterality = "U"
+    if not cr:
+        ds.ImageLaterality = "U"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = case.photometric
     ds.Rows, ds.Columns = int(rows), int(cols)
@@ -99,21 +112,31 @@ def build_dataset(case, *, patient_name: str = "PHANTOM^CHEST", patient_id: str 
     ds.BitsStored = int(case.bits_stored)
     ds.HighBit = int(case.bits_stored) - 1
     ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LOG"
-    ds.PixelIntensityRelationshipSign = -1 if case.photometric == "MONOCHROME2" else 1
-    ds.WindowCenter = f"{case.window_center:.2f}"
-    ds.WindowWidth = f"{case.window_width:.2f}"
+    if spacing_attribute == "PixelSpacing":
+        ds.PixelSpacing = spacing
+    if not cr:
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = -1 if case.photometric == "MONOCHROME2" else 1
+    if case.window_center is not None and case.window_width is not None:
+        ds.WindowCenter = f"{case.window_center:.2f}"
+        ds.WindowWidth = f"{case.window_width:.2f}"
+    elif not cr:
+        raise ValueError("case.window_center: a DX For Presentation image needs a window")
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
     ds.LossyImageCompression = "00"
-    ds.BurnedInAnnotation = "NO"
-    ds.PresentationLUTShape = "IDENTITY" if case.photometric == "MONOCHROME2" else "INVERSE"
+    ds.BurnedInAnnotation = "YES" if any(c.get("kind") == "text" for c in case.confounders) else "NO"
+    if not cr:
+        ds.PresentationLUTShape = "IDENTITY" if case.photometric == "MONOCHROME2" else "INVERSE"
     ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
+    # View Code Sequence belongs to DX positioning; CR objects carry it too (a standard
+    # extended attribute), as many CR readers do and as edge/demo.py expects
     ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior") if view == "PA"
                            else _code("399198009", "SCT", "antero-posterior")]
     ds.ViewCodeSequence[0].ViewModifierCodeSequence = []
-    ds.AcquisitionContextSequence = []
+    if not cr:
+        ds.AcquisitionContextSequence = []
     ds.PixelData = np.ascontiguousarray(case.pixels).astype("<u2").tobytes()
     return ds
 

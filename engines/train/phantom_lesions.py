@@ -1,7 +1,6 @@
-"""Lesions with ground truth: lung nodules and tuberculosis patterns.
+"""Tuberculosis patterns with ground truth (nodules and masses live in ``phantom_masses``).
 
-Nodules are projected spheres placed inside the lung fields (some over ribs, some behind
-the heart, some calcified). TB patterns: upper-zone patchy consolidation, cavities,
+TB patterns: upper-zone patchy consolidation, cavities,
 fibrotic streaks with volume loss, miliary nodules and pleural effusion. Volume loss
 changes the anatomy (lower apex, elevated hilum, pulled trachea), so ``plan_tb`` runs
 before the anatomy is drawn. Boxes are returned in field-of-view millimetres.
@@ -15,23 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.train.phantom_anatomy import Anatomy, Lung
-from engines.train.phantom_geometry import (
-    LUNG_AIR, MU_CORTEX, Grid, ValueNoise, add_disc, add_tube, smoothstep, sphere,
-)
+from engines.train.phantom_geometry import LUNG_AIR, Grid, ValueNoise, add_tube, smoothstep, sphere
 
 logger = logging.getLogger(__name__)
 
 TB_KINDS = ("consolidation", "cavity", "fibrosis", "miliary", "effusion")
-
-
-@dataclass
-class NoduleSpec:
-    u: float
-    v: float
-    r: float            # radius, mm
-    mu: float           # attenuation per mm of nodule (net of the lung it replaces)
-    calcified: bool
-    site: str           # "lung" | "rib" | "heart"
 
 
 @dataclass
@@ -40,70 +27,6 @@ class TBPattern:
     side: int
     severity: float                  # 0 subtle .. 1 obvious
     params: dict = field(default_factory=dict)
-
-
-def _inside(lung: Lung, u: float, v: float, r: float, need: float) -> bool:
-    """The whole sphere projects on aerated lung above the diaphragm."""
-    pts_u = np.array([u, u - r, u + r, u, u], np.float32)
-    pts_v = np.array([v, v, v, v - r, v + r], np.float32)
-    d = lung.thickness(pts_u, pts_v)
-    below_dome = v + r + 3.0 > float(lung.dome(np.array([lung.side * u]))[0])
-    return bool(d[0] >= need and np.all(d[1:] > 0.5 * need) and not below_dome)
-
-
-def sample_nodules(rng: np.random.Generator, anat: Anatomy) -> list[NoduleSpec]:
-    """One to three nodules of 4-30 mm inside the lungs."""
-    count = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
-    out: list[NoduleSpec] = []
-    heart = anat.heart
-    for _ in range(count):
-        site = str(rng.choice(["lung", "rib", "heart"], p=[0.55, 0.28, 0.17]))
-        calcified = bool(rng.random() < 0.15)
-        smallest = 10.0 if site == "heart" else 4.0     # retrocardiac nodules below 1 cm are invisible
-        if calcified:
-            diam = float(rng.uniform(4.0, 12.0))
-        else:
-            diam = float(np.exp(rng.uniform(math.log(smallest), math.log(30.0))))
-        r = diam / 2.0
-        for _try in range(200):
-            lung = anat.lungs[int(rng.integers(0, 2))]
-            if site == "heart":
-                lung = anat.lungs[1] if rng.random() < 0.8 else anat.lungs[0]
-            u0, u1, v0, v1 = lung.bbox()
-            u, v = float(rng.uniform(u0, u1)), float(rng.uniform(v0, v1))
-            if site == "rib" and anat.ribs:
-                rib = anat.ribs[int(rng.integers(0, len(anat.ribs)))]
-                if rib.side != lung.side:
-                    continue
-                phi = float(rng.uniform(0.0, min(rib.phi_med, 2.0))) if rng.random() < 0.7 \
-                    else float(rng.uniform(rib.phi_ant, 0.0))
-                c = rib.c_up if phi >= 0 else rib.c_low
-                px, qy = rib.a * math.cos(phi), -c * math.sin(phi)
-                cs, sn = math.cos(rib.psi), math.sin(rib.psi)
-                u = rib.side * (rib.cu + cs * px - sn * qy)
-                v = rib.cv + sn * px + cs * qy
-            hthick = float(heart.thickness(np.array([u], np.float32), np.array([v], np.float32))[0])
-            if site == "heart" and hthick < 30.0:
-                continue
-            if site != "heart" and hthick > 5.0:
-                continue
-            if not _inside(lung, u, v, r, max(2.0 * r + 8.0, 25.0)):
-                continue
-            if any(math.hypot(u - n.u, v - n.v) < r + n.r + 6.0 for n in out):
-                continue
-            if calcified:
-                mu = MU_CORTEX * float(rng.uniform(1.0, 1.8))
-            else:
-                # at least ~0.1 attenuation at the centre, so that a 4 mm nodule is still seen
-                mu = max(LUNG_AIR * float(rng.uniform(0.7, 1.25)), 0.1 / diam)
-            out.append(NoduleSpec(u=u, v=v, r=r, mu=mu, calcified=calcified, site=site))
-            break
-    return out
-
-
-def render_nodules(mu: np.ndarray, grid: Grid, nodules: list[NoduleSpec]) -> None:
-    for n in nodules:
-        add_disc(mu, grid, n.u, n.v, n.r, n.mu)
 
 
 def plan_tb(rng: np.random.Generator, anat: Anatomy) -> list[TBPattern]:
