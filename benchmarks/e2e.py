@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import http.client
 import json
 import logging
@@ -493,8 +494,26 @@ def _storescu(edge: EdgeProcess, files: list[Path], options: list[str], env: dic
     return _storescu_to(edge.ae_title, edge.port, files, options, env)
 
 
+@functools.lru_cache(maxsize=None)
+def dcmtk_tool(name: str) -> str:
+    """The DCMTK program ``name`` on PATH. pynetdicom installs Python apps of the same names
+    (storescu, echoscu) into the virtual environment's bin folder, first on PATH once the
+    environment is activated, and they take other options: skip them."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            try:
+                version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True,
+                                         timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if "dcmtk" in version.lower():
+                return str(candidate)
+    raise RuntimeError(f"DCMTK's {name} not found on PATH (apt-get install dcmtk)")
+
+
 def _storescu_to(called_ae: str, port: int, files: list[Path], options: list[str], env: dict[str, str]) -> bool:
-    proc = subprocess.run(["storescu", *options, "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1",
+    proc = subprocess.run([dcmtk_tool("storescu"), *options, "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1",
                            str(port), *map(str, files)], capture_output=True, text=True, timeout=600,
                           env=env)
     if proc.returncode != 0:
@@ -1085,10 +1104,13 @@ def main(argv: list[str] | None = None) -> int:
     print(render_text(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    if args.write_results:
+    failed = bool(report["lost"] or report["duplicated"] or report["final_check"]["problems"])
+    if args.write_results and failed:
+        logger.error("not writing %s: this run lost or duplicated images (see above)", RESULTS_MD)
+    elif args.write_results:
         write_results(report)
         logger.info("wrote %s", RESULTS_MD)
-    return 1 if report["lost"] or report["duplicated"] or report["final_check"]["problems"] else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
