@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import http.client
 import json
 import logging
@@ -50,6 +49,7 @@ from pydicom.uid import generate_uid
 
 from benchmarks.e2e_trace import (ANALYSIS_PARTS, RESULT_CLASSES, TARGET_E2E_MS, TARGET_RATIO,  # noqa: F401
                                   TRACE_SEGMENTS, evaluate_targets, image_trace, outlier_traces)
+from dicom_node import dcmtk
 
 logger = logging.getLogger(__name__)
 
@@ -494,26 +494,8 @@ def _storescu(edge: EdgeProcess, files: list[Path], options: list[str], env: dic
     return _storescu_to(edge.ae_title, edge.port, files, options, env)
 
 
-@functools.lru_cache(maxsize=None)
-def dcmtk_tool(name: str) -> str:
-    """The DCMTK program ``name`` on PATH. pynetdicom installs Python apps of the same names
-    (storescu, echoscu) into the virtual environment's bin folder, first on PATH once the
-    environment is activated, and they take other options: skip them."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(folder or ".") / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            try:
-                version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True,
-                                         timeout=10).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if "dcmtk" in version.lower():
-                return str(candidate)
-    raise RuntimeError(f"DCMTK's {name} not found on PATH (apt-get install dcmtk)")
-
-
 def _storescu_to(called_ae: str, port: int, files: list[Path], options: list[str], env: dict[str, str]) -> bool:
-    proc = subprocess.run([dcmtk_tool("storescu"), *options, "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1",
+    proc = subprocess.run([dcmtk.require("storescu"), *options, "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1",
                            str(port), *map(str, files)], capture_output=True, text=True, timeout=600,
                           env=env)
     if proc.returncode != 0:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from engines.train.metrics import roc_auc   # one AUC for the training run, model_eval and calibration
+
 RULES = ("target_sensitivity", "max_referral_rate")
 WHO_SENSITIVITY, WHO_SPECIFICITY = 0.90, 0.70     # WHO target product profile for TB CAD
 MIN_PER_CLASS = 10        # fewer positives or negatives: no meaningful interval
@@ -32,18 +34,7 @@ METRICS = ("sensitivity", "specificity", "referral_rate", "tests_per_case")
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the empirical ROC curve (Mann-Whitney U / (P N), ties count 1/2)."""
     scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):   # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    p, n = int(positive.sum()), int((~positive).sum())
-    return float((ranks[positive].sum() - p * (p + 1) / 2.0) / (p * n))
+    return roc_auc(scores[positive], scores[~positive])
 
 
 def operating_point(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict[str, Any]:

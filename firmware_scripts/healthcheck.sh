@@ -122,10 +122,23 @@ pass() { echo "ok: $*"; }
 fail() { echo "FAIL: $*"; FAILED=1; }
 first_line() { tr -s '\n' ' ' | cut -c1-200; }
 
+# DCMTK's echoscu: pynetdicom installs an app of the same name into the virtual
+# environment's bin folder, first on PATH when that environment is activated
+dcmtk_echoscu() {
+    local candidate
+    while IFS= read -r candidate; do
+        if "$candidate" --version 2>/dev/null | grep -qi dcmtk; then
+            echo "$candidate"
+            return 0
+        fi
+    done < <(type -ap echoscu)
+    return 1
+}
+
 check_dicom() {
-    local where="$AE_TITLE@$DICOM_HOST:$DICOM_PORT" out
-    if [[ "$TCP_ONLY" != 1 ]] && command -v echoscu >/dev/null 2>&1; then
-        if out="$(echoscu -aet "$CALLING_AET" -aec "$AE_TITLE" -to "$TIMEOUT" -ta "$TIMEOUT" \
+    local where="$AE_TITLE@$DICOM_HOST:$DICOM_PORT" out echoscu
+    if [[ "$TCP_ONLY" != 1 ]] && echoscu="$(dcmtk_echoscu)"; then
+        if out="$("$echoscu" -aet "$CALLING_AET" -aec "$AE_TITLE" -to "$TIMEOUT" -ta "$TIMEOUT" \
                 -td "$TIMEOUT" "$DICOM_HOST" "$DICOM_PORT" 2>&1)"; then
             pass "dicom: C-ECHO to $where answered"
         else

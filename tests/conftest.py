@@ -15,8 +15,23 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_node import dcmtk
+
 ROOT = Path(__file__).resolve().parents[1]
 EDGE = [sys.executable, "-m", "edge.cli"]
+
+
+def _dcmtk_first_on_path() -> None:
+    """With the virtual environment activated, pynetdicom's storescu/echoscu apps come first
+    on PATH and take other options: put DCMTK's programs ahead of them for every test."""
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"xray-edge-tests-dcmtk-{os.getuid()}"
+    if dcmtk.link_shadowed(folder):
+        os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+_dcmtk_first_on_path()
 
 
 def free_port() -> int:
@@ -179,7 +194,7 @@ class EdgeServer:
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    path = (dcmtk.find(name) if name in dcmtk.PYNETDICOM_APPS else None) or shutil.which(name)
     if path is None:
         pytest.skip(f"{name} is not installed (run `make test`, which installs it)")
     return path

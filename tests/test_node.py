@@ -1,6 +1,7 @@
 """The DICOM front door against real DCMTK peers: nothing acknowledged is ever lost."""
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -8,6 +9,7 @@ import subprocess
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,3 +431,28 @@ def test_jpeg_lossless_sv1_is_received_intact(tmp_path, edge_server):
     kept = dcmread(spooled[0])
     assert kept.file_meta.TransferSyntaxUID == JPEGLosslessSV1
     assert np.array_equal(kept.pixel_array, ds.pixel_array)
+
+
+def test_dcmtk_programs_are_found_behind_pynetdicoms_apps_of_the_same_name(tmp_path, monkeypatch):
+    """An activated virtual environment puts pynetdicom's storescu app first on PATH; the
+    lookup used by the tests, the benchmarks and the health check still finds DCMTK's."""
+    from dicom_node import dcmtk
+
+    real = require_tool("storescu")
+    shadow = tmp_path / "venv-bin"
+    shadow.mkdir()
+    app = shadow / "storescu"
+    app.write_text("#!/bin/sh\necho 'pynetdicom storescu v3'\n")
+    app.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shadow}:{os.environ['PATH']}")
+    dcmtk.find.cache_clear()
+    try:
+        assert dcmtk.find("storescu") == real
+        assert dcmtk.find("no-such-dcmtk-program") is None
+        links = tmp_path / "links"
+        assert "storescu" in dcmtk.link_shadowed(links)
+        assert (links / "storescu").resolve() == Path(real).resolve()
+        out = subprocess.run([str(links / "storescu"), "--version"], capture_output=True, text=True)
+        assert "dcmtk" in out.stdout.lower()
+    finally:
+        dcmtk.find.cache_clear()
