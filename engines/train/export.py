@@ -299,8 +299,8 @@ noise, with the area resize and normalisation of `engines.preprocess.to_model_in
 in the appliance.
 
 ## Training
-The shipped `model.onnx` is the output of this run: `{run['command']}` (seeded, CPU,
-{run['threads']} threads, torch {run['torch']}; `make models` runs
+The shipped `model.onnx` is the output of this run: `{run['command']}` (seeded, {run.get('device', 'CPU')},
+{run['threads']} CPU threads, torch {run['torch']}; `make models` runs
 `python -m engines.train.train --out engines/models`).
 {training['steps']} steps of batch {training['batch']}, AdamW with warm-up and cosine decay,
 {training['seconds']} s for this model; {run['total_seconds']} s ({run['total_seconds'] / 60:.0f} min) wall time for the

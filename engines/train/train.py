@@ -70,6 +70,7 @@ class TrainConfig:
     aug_reprocess: float = 1.0
     threads: int = 2
     workers: int = 2
+    device: str = "cpu"           # "cuda" on a GPU machine (``--device``): the longer runs
     eval_count: int = 200
     eval_seed: int = tdata.EVAL_SEED_DEFAULT
 
@@ -99,6 +100,11 @@ def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last layout: oneDNN's convolutions run ~10% faster on it on the CPU."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _lr_at(step: int, total: int, peak: float) -> float:
@@ -155,9 +161,11 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
     roc_auc = metrics.roc_auc
     rng = np.random.default_rng(cfg.seed + 11)
     torch.manual_seed(cfg.seed + 11)
-    model = TBClassifier(width=cfg.tb_width)
+    dev = torch.device(cfg.device)
+    model = TBClassifier(width=cfg.tb_width).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.tb_lr, weight_decay=cfg.weight_decay)
-    val_x = torch.from_numpy(np.stack([s.tensor for s in _batch(val, np.arange(len(val)), TB_SIZE, rng, 0.0)]))
+    val_x = _nhwc(torch.from_numpy(np.stack([s.tensor for s in _batch(val, np.arange(len(val)), TB_SIZE, rng, 0.0)]
+                                            )).to(dev))
     val_y = np.asarray([c.tb for c in val])
     history = []
     start = time.monotonic()
@@ -167,10 +175,10 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
         model.train()
         samples = _batch(cases, rng.integers(0, len(cases), cfg.tb_batch), TB_SIZE, rng, 1.0,
                          **_aug_options(cfg))
-        x = torch.from_numpy(np.stack([s.tensor for s in samples]))
-        y = torch.tensor([float(s.tb) for s in samples])
+        x = _nhwc(torch.from_numpy(np.stack([s.tensor for s in samples])).to(dev))
+        y = torch.tensor([float(s.tb) for s in samples], device=dev)
         masks = torch.from_numpy(np.stack([tdata.tb_mask(s.tb_boxes, TB_SIZE, TB_SIZE, TB_STRIDE)
-                                           for s in samples]))
+                                           for s in samples])).to(dev)
         score, cam = model.forward_logits(x)
         loss = tb_loss(score, cam, y, masks)
         opt.zero_grad(set_to_none=True)
@@ -179,20 +187,21 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
         if (step + 1) % max(1, cfg.tb_steps // 10) == 0 or step + 1 == cfg.tb_steps:
             model.eval()
             with torch.no_grad():
-                val_scores = torch.sigmoid(model.forward_logits(val_x)[0])[:, 0].numpy()
+                val_scores = torch.sigmoid(model.forward_logits(val_x)[0])[:, 0].cpu().numpy()
             auc = roc_auc(val_scores[val_y], val_scores[~val_y]) if val_y.any() and (~val_y).any() else float("nan")
             history.append({"step": step + 1, "loss": round(loss.item(), 4), "val_auc": round(auc, 4)})
             logger.info("tb step %d/%d loss %.4f val AUC %.3f (%.0f s)", step + 1, cfg.tb_steps,
                         loss.item(), auc, time.monotonic() - start)
     model.eval()
+    model = model.to("cpu", memory_format=torch.contiguous_format)     # exported on the CPU
     return model, {"steps": cfg.tb_steps, "batch": cfg.tb_batch, "seconds": round(time.monotonic() - start),
                    "history": history}
 
 
-def _det_targets(samples: list[tdata.Sample]) -> dict[str, torch.Tensor]:
+def _det_targets(samples: list[tdata.Sample], device: torch.device) -> dict[str, torch.Tensor]:
     maps = [tdata.centernet_targets(s.nodule_boxes, s.tensor.shape[-2], s.tensor.shape[-1], DET_STRIDE)
             for s in samples]
-    return {key: torch.from_numpy(np.stack([m[key] for m in maps])) for key in maps[0]}
+    return {key: torch.from_numpy(np.stack([m[key] for m in maps])).to(device) for key in maps[0]}
 
 
 def _validate_detector(model: NoduleDetector, samples: list[tdata.Sample],
@@ -200,12 +209,13 @@ def _validate_detector(model: NoduleDetector, samples: list[tdata.Sample],
     """FROC of ``model`` on the (unaugmented) validation samples."""
     decode_detections, froc = metrics.decode_detections, metrics.froc
     model.eval()
+    dev = next(model.parameters()).device
     per_image = []
     with torch.no_grad():
         for sample, case in zip(samples, cases):
-            heat, size, offset = model(torch.from_numpy(sample.tensor[None]))
-            outputs = {"nodule_heatmap": heat.numpy(), "nodule_size": size.numpy(),
-                       "nodule_offset": offset.numpy()}
+            heat, size, offset = model(_nhwc(torch.from_numpy(sample.tensor[None]).to(dev)))
+            outputs = {"nodule_heatmap": heat.cpu().numpy(), "nodule_size": size.cpu().numpy(),
+                       "nodule_offset": offset.cpu().numpy()}
             per_image.append((decode_detections(outputs, stride=DET_STRIDE, score_threshold=0.05,
                                                 nms_iou=0.3, max_detections=20),
                               sample.nodule_boxes, list(case.nodule_mm)))
@@ -217,7 +227,9 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
     """Train the nodule detector; returns the model and a training summary."""
     rng = np.random.default_rng(cfg.seed + 23)
     torch.manual_seed(cfg.seed + 23)
-    model = NoduleDetector(width=cfg.det_width, deep_width=cfg.det_deep_width)
+    dev = torch.device(cfg.device)
+    model = NoduleDetector(width=cfg.det_width, deep_width=cfg.det_deep_width).to(
+        dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.det_lr, weight_decay=cfg.weight_decay)
     # over-sample cases with nodules 2:1 so the rare positive cells get enough gradient
     weights = np.asarray([2.0 if len(c.nodule_boxes) else 1.0 for c in cases])
@@ -231,9 +243,9 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
         model.train()
         samples = _batch(cases, rng.choice(len(cases), cfg.det_batch, p=weights), DET_SIZE, rng, 1.0,
                          patch=cfg.det_patch, focus=cfg.det_focus, **_aug_options(cfg))
-        x = torch.from_numpy(np.stack([s.tensor for s in samples]))
+        x = _nhwc(torch.from_numpy(np.stack([s.tensor for s in samples])).to(dev))
         heat, size, offset = model.forward_raw(x)
-        loss, parts = centernet_loss(heat, size, offset, _det_targets(samples))
+        loss, parts = centernet_loss(heat, size, offset, _det_targets(samples, dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -253,6 +265,7 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
     threshold = round(float(np.clip(result["thresholds"]["0.5"], 0.2, 0.6)), 2)
     logger.info("detector score threshold %.2f (validation: %s)", threshold,
                 {k: result[k] for k in ("all", "small", "ge8", "large", "thresholds")})
+    model = model.to("cpu", memory_format=torch.contiguous_format)     # exported on the CPU
     return model, {"steps": cfg.det_steps, "batch": cfg.det_batch, "score_threshold": threshold,
                    "seconds": round(time.monotonic() - start), "history": history}
 
@@ -268,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cache", action="store_true", help="render without a disk cache")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="phantom rendering processes")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (cuda when a GPU is visible, else cpu), cpu or cuda")
     parser.add_argument("--eval-count", type=int, default=None, help="held-out phantoms to evaluate")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    for key in ("train_cases", "render_size", "tb_steps", "det_steps", "val_cases"):
+    for key in ("train_cases", "render_size", "tb_steps", "det_steps", "det_batch", "val_cases"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                             help=f"override {key} (default: {getattr(TrainConfig(), key)})")
     return parser
@@ -281,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = QUICK if args.quick else TrainConfig()
-    cfg = replace(cfg, seed=args.seed, threads=args.threads, workers=args.workers)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no GPU visible to torch {torch.__version__}")
+    cfg = replace(cfg, seed=args.seed, threads=args.threads, workers=args.workers, device=device)
     overrides = {key: getattr(args, key) for key in ("eval_count", "train_cases", "render_size",
-                                                     "tb_steps", "det_steps", "val_cases")
+                                                     "tb_steps", "det_steps", "det_batch", "val_cases")
                  if getattr(args, key) is not None}
     cfg = replace(cfg, **overrides)
     torch.set_num_threads(cfg.threads)
@@ -347,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.monotonic() - started
     run = {"command": command, "config": asdict(cfg), "data": data_summary, "total_seconds": round(total_s),
            "cpu_seconds": round(_cpu_seconds()), "load_average": [round(v, 2) for v in os.getloadavg()],
-           "torch": torch.__version__, "threads": cfg.threads}
+           "torch": torch.__version__, "threads": cfg.threads,
+           "device": (f"GPU ({torch.cuda.get_device_name()})" if cfg.device.startswith("cuda") else "CPU")}
     for name, (_, _, _, summary) in specs.items():
         write_card(name, out / name, run=run, training=summary, export=exported[name],
                    evaluation_md=evaluation_md)
