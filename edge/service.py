@@ -28,6 +28,9 @@ from .storage import Spool
 
 logger = logging.getLogger(__name__)
 
+#: A part of the shutdown slower than this is named in the log.
+SLOW_STOP_S = 3.0
+
 
 class Appliance:
     """All long-running parts of ``edge serve``."""
@@ -135,26 +138,23 @@ class Appliance:
         self._stopping.set()
         self.work_available.set()
         systemd.notify("STOPPING=1")
-        if self.scp is not None:
-            self.scp.shutdown()
-        if self.web is not None:
-            self.web.stop()
-        if self.health is not None:
-            self.health.stop()
-        if self.pipeline is not None:
-            self.pipeline.stop()
-        if self.commitment is not None:
-            self.commitment.stop()
-        if self.outbox is not None:
-            self.outbox.stop()
-        for model in self.models.values():
-            model.close()
-        for decoder in self.decoders:
-            decoder.close()
-        for t in self._threads:
-            t.join(timeout=10)
+        started = time.monotonic()
+        parts = [(what, getattr(part, method)) for what, part, method in (
+            ("DICOM listener", self.scp, "shutdown"), ("status page", self.web, "stop"),
+            ("health monitor", self.health, "stop"), ("analysis", self.pipeline, "stop"),
+            ("storage commitment", self.commitment, "stop"), ("outbox", self.outbox, "stop"))
+            if part is not None]
+        parts += [(f"model {name}", model.close) for name, model in self.models.items()]
+        parts += [("image decoder", decoder.close) for decoder in self.decoders]
+        parts += [(f"thread {t.name}", lambda t=t: t.join(timeout=10)) for t in self._threads]
+        for what, step in parts:
+            t0 = time.monotonic()
+            step()
+            if time.monotonic() - t0 > SLOW_STOP_S:   # systemd kills a stop that hangs: say where
+                logger.warning("stopping: the %s took %.1f s", what, time.monotonic() - t0)
         if self.journal is not None:
             self.journal.close()
+        logger.info("stopped in %.1f s", time.monotonic() - started)
 
     def serve_forever(self) -> None:
         """Block until SIGINT/SIGTERM, then stop cleanly."""

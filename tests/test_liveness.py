@@ -126,3 +126,27 @@ def test_watchdog_quick_check_does_not_hold_the_journal_lock(tmp_path):
         threading.Thread(target=lambda: (journal.check_integrity(), done.set()), daemon=True).start()
         assert done.wait(5), "the integrity check waited for the journal lock"
     journal.close()
+
+
+def test_a_slow_part_of_the_shutdown_is_named_in_the_log(appliance, monkeypatch, caplog):
+    """systemd kills a stop that takes too long; the log says which part held it up."""
+    import edge.service
+
+    app = appliance()
+    monkeypatch.setattr(edge.service, "SLOW_STOP_S", 1.0)
+    outbox_stop = app.outbox.stop if app.outbox is not None else (lambda: None)
+
+    def slow_outbox_stop():
+        time.sleep(1.5)
+        outbox_stop()
+
+    if app.outbox is not None:
+        monkeypatch.setattr(app.outbox, "stop", slow_outbox_stop)
+    else:
+        monkeypatch.setattr(app, "outbox", type("Outbox", (), {"stop": staticmethod(slow_outbox_stop)})())
+    with caplog.at_level("INFO", logger="edge.service"):
+        app.stop()
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert any(m.startswith("stopping: the outbox took") for m in slow), caplog.text
+    assert len(slow) == 1, slow       # the other parts stop within the second
+    assert any(r.getMessage().startswith("stopped in") for r in caplog.records)
