@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -70,6 +71,7 @@ class TrainConfig:
     aug_reprocess: float = 1.0
     threads: int = 2
     workers: int = 2
+    loader_workers: int = 8       # augmenting processes when training on a GPU
     device: str = "cpu"           # "cuda" on a GPU machine (``--device``): the longer runs
     eval_count: int = 200
     eval_seed: int = tdata.EVAL_SEED_DEFAULT
@@ -122,6 +124,33 @@ def _batch(cases: list[tdata.RenderedCase], idx: np.ndarray, size: int,
                           **options) for i in idx]
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Batch number ``step`` of a run, drawn by ``make`` from a generator seeded by
+    ``(seed, step)``: the batches are the same however many workers make them."""
+
+    def __init__(self, make: Callable[[np.random.Generator], tuple], steps: int, seed: int) -> None:
+        self.make, self.steps, self.seed = make, steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple:
+        return self.make(np.random.default_rng([self.seed, step]))
+
+
+def _batches(make: Callable[[np.random.Generator], tuple], steps: int, seed: int,
+             cfg: TrainConfig) -> torch.utils.data.DataLoader:
+    """The run's batches in step order. On a GPU, ``loader_workers`` processes (forked, so
+    they share the rendered phantoms) augment ahead of the training step, which would
+    otherwise wait for the CPU; on the CPU the batches are made in this process between
+    steps (a worker would only take a core from the training step)."""
+    workers = cfg.loader_workers if cfg.device != "cpu" else 0
+    return torch.utils.data.DataLoader(
+        _StepBatches(make, steps, seed), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=cfg.device != "cpu", prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers else None)
+
+
 def _aug_options(cfg: TrainConfig) -> dict[str, float]:
     return {"intensity": cfg.aug_intensity, "noise": cfg.aug_noise, "blur": cfg.aug_blur,
             "reprocess": cfg.aug_reprocess}
@@ -162,6 +191,14 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
     rng = np.random.default_rng(cfg.seed + 11)
     torch.manual_seed(cfg.seed + 11)
     dev = torch.device(cfg.device)
+
+    def make(step_rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        samples = _batch(cases, step_rng.integers(0, len(cases), cfg.tb_batch), TB_SIZE, step_rng, 1.0,
+                         **_aug_options(cfg))
+        masks = np.stack([tdata.tb_mask(s.tb_boxes, TB_SIZE, TB_SIZE, TB_STRIDE) for s in samples])
+        return (torch.from_numpy(np.stack([s.tensor for s in samples])),
+                torch.tensor([float(s.tb) for s in samples]), torch.from_numpy(masks))
+
     model = TBClassifier(width=cfg.tb_width).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.tb_lr, weight_decay=cfg.weight_decay)
     val_x = _nhwc(torch.from_numpy(np.stack([s.tensor for s in _batch(val, np.arange(len(val)), TB_SIZE, rng, 0.0)]
@@ -169,16 +206,11 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
     val_y = np.asarray([c.tb for c in val])
     history = []
     start = time.monotonic()
-    for step in range(cfg.tb_steps):
+    for step, (x, y, masks) in enumerate(_batches(make, cfg.tb_steps, cfg.seed + 11, cfg)):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.tb_steps, cfg.tb_lr)
         model.train()
-        samples = _batch(cases, rng.integers(0, len(cases), cfg.tb_batch), TB_SIZE, rng, 1.0,
-                         **_aug_options(cfg))
-        x = _nhwc(torch.from_numpy(np.stack([s.tensor for s in samples])).to(dev))
-        y = torch.tensor([float(s.tb) for s in samples], device=dev)
-        masks = torch.from_numpy(np.stack([tdata.tb_mask(s.tb_boxes, TB_SIZE, TB_SIZE, TB_STRIDE)
-                                           for s in samples])).to(dev)
+        x, y, masks = _nhwc(x.to(dev, non_blocking=True)), y.to(dev), masks.to(dev, non_blocking=True)
         score, cam = model.forward_logits(x)
         loss = tb_loss(score, cam, y, masks)
         opt.zero_grad(set_to_none=True)
@@ -198,10 +230,10 @@ def train_tb(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase],
                    "history": history}
 
 
-def _det_targets(samples: list[tdata.Sample], device: torch.device) -> dict[str, torch.Tensor]:
+def _det_targets(samples: list[tdata.Sample]) -> dict[str, torch.Tensor]:
     maps = [tdata.centernet_targets(s.nodule_boxes, s.tensor.shape[-2], s.tensor.shape[-1], DET_STRIDE)
             for s in samples]
-    return {key: torch.from_numpy(np.stack([m[key] for m in maps])).to(device) for key in maps[0]}
+    return {key: torch.from_numpy(np.stack([m[key] for m in maps])) for key in maps[0]}
 
 
 def _validate_detector(model: NoduleDetector, samples: list[tdata.Sample],
@@ -235,17 +267,22 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
     weights = np.asarray([2.0 if len(c.nodule_boxes) else 1.0 for c in cases])
     weights /= weights.sum()
     val_samples = _batch(val, np.arange(len(val)), DET_SIZE, rng, 0.0)
+
+    def make(step_rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        samples = _batch(cases, step_rng.choice(len(cases), cfg.det_batch, p=weights), DET_SIZE, step_rng,
+                         1.0, patch=cfg.det_patch, focus=cfg.det_focus, **_aug_options(cfg))
+        return torch.from_numpy(np.stack([s.tensor for s in samples])), _det_targets(samples)
+
     history = []
     start = time.monotonic()
-    for step in range(cfg.det_steps):
+    for step, (x, targets) in enumerate(_batches(make, cfg.det_steps, cfg.seed + 23, cfg)):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.det_steps, cfg.det_lr)
         model.train()
-        samples = _batch(cases, rng.choice(len(cases), cfg.det_batch, p=weights), DET_SIZE, rng, 1.0,
-                         patch=cfg.det_patch, focus=cfg.det_focus, **_aug_options(cfg))
-        x = _nhwc(torch.from_numpy(np.stack([s.tensor for s in samples])).to(dev))
+        x = _nhwc(x.to(dev, non_blocking=True))
+        targets = {key: value.to(dev, non_blocking=True) for key, value in targets.items()}
         heat, size, offset = model.forward_raw(x)
-        loss, parts = centernet_loss(heat, size, offset, _det_targets(samples, dev))
+        loss, parts = centernet_loss(heat, size, offset, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -285,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device: auto (cuda when a GPU is visible, else cpu), cpu or cuda")
     parser.add_argument("--eval-count", type=int, default=None, help="held-out phantoms to evaluate")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    for key in ("train_cases", "render_size", "tb_steps", "det_steps", "det_batch", "val_cases"):
+    for key in ("train_cases", "render_size", "tb_steps", "det_steps", "det_batch", "val_cases", "loader_workers"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                             help=f"override {key} (default: {getattr(TrainConfig(), key)})")
     return parser
@@ -300,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no GPU visible to torch {torch.__version__}")
     cfg = replace(cfg, seed=args.seed, threads=args.threads, workers=args.workers, device=device)
-    overrides = {key: getattr(args, key) for key in ("eval_count", "train_cases", "render_size",
-                                                     "tb_steps", "det_steps", "det_batch", "val_cases")
+    overrides = {key: getattr(args, key) for key in ("eval_count", "train_cases", "render_size", "tb_steps",
+                                                     "det_steps", "det_batch", "val_cases", "loader_workers")
                  if getattr(args, key) is not None}
     cfg = replace(cfg, **overrides)
     torch.set_num_threads(cfg.threads)
