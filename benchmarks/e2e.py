@@ -18,8 +18,9 @@ journal, peak memory from VmHWM of the ``edge serve`` process (reset before each
 Every run checks that no image is lost and no result duplicated, at the PACS and in the
 journal: exit status 1 if any is, 2 if the benchmark could not run, else 0 (missed targets
 are only reported, with the stage they miss by). The DCMTK peers run with ``TCP_NODELAY=1``
-unless ``--peer-nagle``: with Nagle's algorithm on, each C-STORE to them waits for delayed
-ACKs. ``--profile FILE`` samples ``edge serve`` with py-spy (collapsed stacks).
+unless ``--peer-nagle``: with Nagle's algorithm on, their small PDUs wait for the
+receiver's delayed ACK (the appliance acknowledges every read at once, so that costs it
+little; the floor's hop between two DCMTK peers pays it). ``--profile FILE`` samples ``edge serve`` with py-spy (collapsed stacks).
 """
 from __future__ import annotations
 
@@ -779,7 +780,9 @@ def _run_all(args: argparse.Namespace, workdir: Path, inputs: dict[str, dict[str
              ) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
     """Peers up, every (input, mode, senders) run, peers down: (runs, final check, edge log tail)."""
     # DCMTK (storescu, storescp, and Orthanc's network layer) leaves Nagle's algorithm on unless
-    # TCP_NODELAY=1: small PDUs then wait for delayed ACKs (about 40-90 ms per C-STORE here)
+    # TCP_NODELAY=1: its small PDUs then wait for the receiver's delayed ACK. The appliance
+    # acknowledges at once (dicom_node.scu.quick_ack); the floor's DCMTK-to-Orthanc hop does
+    # not, so --peer-nagle measures what a site with Nagle-on peers sees
     env = dict(os.environ, TCP_NODELAY="0" if args.peer_nagle else "1")
     pacs = OrthancPeer(workdir, env) if args.pacs == "orthanc" else StorescpPeer(workdir, env)
     edge = EdgeProcess(workdir, models_dir=models_dir, backend=args.backend, cache_dir=cache_dir,

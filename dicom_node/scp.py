@@ -23,7 +23,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .commitment import (
     ACTION_INVALID_OBJECT_INSTANCE,
@@ -37,7 +37,7 @@ from .commitment import (
     parse_action_information,
     uid_ok,
 )
-from .scu import set_nodelay
+from .scu import QuickAckSocket, set_nodelay
 from .sop import (
     ACCEPTED_STORAGE,
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -246,9 +246,10 @@ class _RateLimitedLog:
 _noisy = _RateLimitedLog()
 
 
-class _BoundedAssociationSocket(AssociationSocket):
+class _BoundedAssociationSocket(QuickAckSocket):
     """Refuses to read a PDU longer than ``MAX_PDU_BYTES``: the short read makes the DUL
-    close the connection (Evt17) instead of buffering what the peer announced."""
+    close the connection (Evt17) instead of buffering what the peer announced. Every read
+    is acknowledged at once (``QuickAckSocket``)."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BYTES:
@@ -263,7 +264,7 @@ class _RequestHandler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
         # pynetdicom builds the AssociationSocket here and has no parameter for its class;
-        # the subclass only adds the PDU length check above.
+        # the subclass only adds the PDU length check and the quick ACKs above.
         assoc.dul.socket.__class__ = _BoundedAssociationSocket
         return assoc
 

@@ -16,6 +16,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom.transport import AssociationSocket
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from .sop import NATIVE_TRANSFER_SYNTAXES, RESULT_STORAGE, VERIFICATION
@@ -128,6 +129,8 @@ def _associate(ae: AE, peer: Peer, ext_neg: list | None = None):
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, ext_neg=ext_neg)
     if assoc.is_established:
         set_nodelay(assoc)
+        # pynetdicom has no parameter for the socket's class; the PACS's answers from now on
+        assoc.dul.socket.__class__ = QuickAckSocket
     return assoc
 
 
@@ -143,6 +146,34 @@ def set_nodelay(assoc) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         logger.debug("could not set TCP_NODELAY", exc_info=True)
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)     # Linux
+
+
+def quick_ack(sock) -> None:
+    """Acknowledge what was just read at once instead of after the delayed-ACK timer.
+
+    A peer that leaves Nagle's algorithm on (DCMTK's default, so many modalities and PACS)
+    sends a PDU's header and body as two small segments and holds the second until the
+    first is acknowledged; Linux delays that ACK by up to 40 ms while nothing goes back.
+    TCP_QUICKACK is not sticky, so it is set again after every read.
+    """
+    if _QUICKACK is None or sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except OSError:
+        pass
+
+
+class QuickAckSocket(AssociationSocket):
+    """pynetdicom's association socket, acknowledging every read at once (``quick_ack``)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        data = super().recv(nr_bytes)
+        quick_ack(self.socket)
+        return data
 
 
 def echo(peer: Peer) -> SendOutcome:

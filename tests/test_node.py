@@ -456,3 +456,33 @@ def test_dcmtk_programs_are_found_behind_pynetdicoms_apps_of_the_same_name(tmp_p
         assert "dcmtk" in out.stdout.lower()
     finally:
         dcmtk.find.cache_clear()
+
+
+def test_every_read_is_acknowledged_at_once_on_both_sides(tmp_path, node, monkeypatch):
+    """A peer with Nagle's algorithm on (DCMTK's default) holds the second small segment of
+    a PDU until the first is acknowledged; Linux delays that ACK up to 40 ms. Both the
+    listener and the delivery side ask the kernel for the ACK at once after every read
+    (TCP_QUICKACK)."""
+    import socket as socket_module
+
+    from dicom_node import scu
+
+    if scu._QUICKACK is None:
+        pytest.skip("TCP_QUICKACK is Linux-only")
+    sides: list[str] = []
+    real_quick_ack = scu.quick_ack
+
+    def spy(sock):
+        sides.append("listener" if sock.getsockname()[1] == scp.port else "sender")
+        assert sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY)
+        real_quick_ack(sock)
+
+    monkeypatch.setattr(scu, "quick_ack", spy)
+    scp, received = node()
+    path = tmp_path / "img.dcm"
+    make_dx(path, seed=3)
+    peer = scu.Peer(ae_title="EDGE_AI", host="127.0.0.1", port=scp.port, calling_ae_title="MODALITY")
+    outcomes = scu.send_files(peer, [path])
+    assert outcomes[0].delivered and len(received) == 1
+    assert "sender" in sides, "the sending side never acknowledged a read at once"
+    assert "listener" in sides, "the listener never acknowledged a read at once"
