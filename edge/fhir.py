@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .config_outbound import FhirConfig
-from .findings import Findings
+from .findings import NODULE_KIND_CODES, Findings
 
 __all__ = ["BUNDLE_KIND", "LOINC_CHEST_SINGLE_VIEW", "build_bundle", "patient_identifier"]
 
@@ -120,7 +120,7 @@ def build_bundle(source: Any, findings: Findings, *, config: FhirConfig, equipme
                     component=[{"code": {"text": text["threshold"]}, "valueQuantity": _percent(tb.threshold)},
                                {"code": {"text": text["refer_decision"]}, "valueBoolean": bool(tb.positive)}])
     for index, nodule in enumerate(findings.nodules, start=1):
-        observation(f"nodule-{index}", _concept("SCT", "27925004", "Nodule"),
+        observation(f"nodule-{index}", _concept(*NODULE_KIND_CODES[nodule.kind]),
                     **_detection(nodule.box, nodule.score, nodule.diameter_mm, sop_uid, text,
                                  _method(findings, nodule.model)))
     for index, other in enumerate(findings.others, start=1):

@@ -35,6 +35,13 @@ class TBResult:
     model: str = ""      # name of the model that screened (a ModelInfo.name); "" unknown
 
 
+#: A nodule detection larger than this (long axis, when the pixel spacing gives its size) is
+#: named a mass, as radiologists do (Fleischner glossary: an opacity greater than 3 cm).
+MASS_MM = 30.0
+#: (scheme, value, meaning) of each kind of nodule detection (SNOMED CT).
+NODULE_KIND_CODES = {"Nodule": ("SCT", "27925004", "Nodule"), "Mass": ("SCT", "4147007", "Mass")}
+
+
 @dataclass(frozen=True)
 class Nodule:
     box: list[float]                 # [x1, y1, x2, y2], full-resolution pixel coordinates
@@ -42,6 +49,11 @@ class Nodule:
     diameter_mm: float | None = None  # None when pixel spacing is unknown
     diameter_px: float = 0.0
     model: str = ""                   # name of the detector (a ModelInfo.name); "" unknown
+
+    @property
+    def kind(self) -> str:
+        """"Mass" when its size is known and above ``MASS_MM``, else "Nodule"."""
+        return "Mass" if self.diameter_mm is not None and self.diameter_mm > MASS_MM else "Nodule"
 
 
 @dataclass(frozen=True)

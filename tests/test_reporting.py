@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import re
 import subprocess
 from dataclasses import replace
@@ -323,6 +324,39 @@ def render(gsps_path: Path, source_path: Path, workdir: Path) -> tuple[np.ndarra
                          capture_output=True, text=True, timeout=60, cwd=workdir)
     assert run.returncode == 0, run.stderr
     return np.asarray(Image.open(out)).astype(int), run.stdout + run.stderr
+
+
+def test_a_detection_over_30_mm_is_named_a_mass_in_every_object(tmp_path):
+    """Radiologists call an opacity over 3 cm a mass: the SR's finding and tracking
+    identifier, the GSPS label and the FHIR observation say "Mass" for the 45 mm one and
+    "Nodule" for the 12 mm one; without pixel spacing the size is unknown: "Nodule"."""
+    from edge.fhir import build_bundle
+    from edge.config_outbound import FhirConfig
+
+    source = make_source(tmp_path)
+    findings = make_findings(source)
+    big = replace(findings.nodules[1], diameter_mm=45.0)
+    findings = replace(findings, nodules=[findings.nodules[0], big])
+    text = dsrdump(write(build_sr(source, findings), tmp_path / "sr.dcm"))
+    assert '"Tracking Identifier")="Nodule 1"' in text and '"Tracking Identifier")="Mass 1"' in text
+    assert text.count('CODE:(,,"Finding")=(27925004,SCT,"Nodule")') == 1
+    assert text.count('CODE:(,,"Finding")=(4147007,SCT,"Mass")') == 1
+    assert 'NUM:(,,"Long axis")="45.0" (mm,UCUM,"mm")' in text
+    gsps = build_gsps(source, findings)
+    labels = [t.UnformattedTextValue for t in gsps.GraphicAnnotationSequence[0].TextObjectSequence]
+    assert any(v.startswith("Mass 0.77, 45 mm") for v in labels), labels
+    assert any(v.startswith("Nodule 0.91, 12 mm") for v in labels), labels
+    assert "1 nodule(s), 1 mass(es) marked" in labels, labels
+    assert "Nodules: 1, masses: 1 marked" in banner_lines(findings)
+    assert dciodvfy_errors(write(gsps, tmp_path / "gsps.dcm")) == []
+    _, bundle = build_bundle(source, findings, config=FhirConfig(base_url="http://emr/fhir"),
+                             equipment=Equipment(), issued=datetime.datetime(2026, 1, 2, 3, 4, 5))
+    codes = [c["code"] for e in json.loads(bundle)["entry"]
+             if e["resource"]["resourceType"] == "Observation"
+             for c in e["resource"]["code"]["coding"]]
+    assert "4147007" in codes and "27925004" in codes
+    unknown = replace(findings, nodules=[replace(big, diameter_mm=None)])
+    assert '"Tracking Identifier")="Nodule 1"' in dsrdump(write(build_sr(source, unknown), tmp_path / "u.dcm"))
 
 
 @pytest.mark.parametrize("monochrome1", [False, True])

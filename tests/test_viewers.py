@@ -241,7 +241,9 @@ def test_the_same_sr_keeps_tb_and_nodules_for_dsrdump_and_dciodvfy(trial):
     groups = text.split('CONTAINER:(,,"Imaging Measurements")')[1].split(
         '"Qualitative Evaluations"')[0]
     count = len(ohif_labels(study.sr))
-    assert groups.count('CODE:(,,"Finding")=(27925004,SCT,"Nodule")') == count
+    # a detection over 30 mm is a "Mass" (4147007), the others "Nodule" (27925004)
+    assert groups.count('CODE:(,,"Finding")=(27925004,SCT,"Nodule")') + \
+        groups.count('CODE:(,,"Finding")=(4147007,SCT,"Mass")') == count
     assert groups.count('NUM:(,,"Certainty of Finding")') == count
     assert groups.count('NUM:(,,"Long axis")') == count
     assert groups.count('SCOORD:(,,"Image Region")=(POLYLINE,') == count

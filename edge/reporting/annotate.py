@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from edge.findings import Findings
 
 from . import common
-from .labels import other_lines
+from .labels import nodules_marked, other_lines
 from .marks import marks
 
 logger = logging.getLogger(__name__)
@@ -42,11 +42,10 @@ def banner_lines(findings: Findings, fits: Callable[[str], bool] | None = None) 
     """The banner text, top to bottom (three to five lines); ``fits`` says whether a line
     of the other findings fits (``labels.other_lines``)."""
     demo = common.is_demonstration(findings)
-    count = len(findings.nodules)
     return [
         "AI result - not for diagnosis" + (" (demonstration model)" if demo else ""),
         tb_decision(findings),
-        f"Nodules: {count} marked" if count else "Nodules: none found",
+        nodules_marked(findings, banner=True),
         *other_lines(findings, fits),
     ]
 

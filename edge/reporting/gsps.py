@@ -32,7 +32,7 @@ from edge.findings import Findings
 from . import common
 from .equipment import Equipment
 from .inputs import BuildInputs, prepare, with_fallback
-from .labels import other_lines
+from .labels import nodules_marked, other_lines
 from .marks import marks
 from .metadata import SourceMetadata, instance_number
 from .uids import result_series_uid
@@ -211,8 +211,7 @@ def _summary_texts(findings: Findings, demo: bool) -> list[hd.pr.TextObject]:
     tb_line = common.tb_label(findings)
     if tb_line is not None:
         lines.append(tb_line)
-    lines.append(f"{len(findings.nodules)} nodule(s) marked" if findings.nodules
-                 else "No nodules marked")
+    lines.append(nodules_marked(findings))
     lines.extend(other_lines(findings))
     lines.append("AI result - not for diagnosis" + (" (demonstration model)" if demo else ""))
     texts = []

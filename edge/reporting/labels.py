@@ -8,7 +8,7 @@ from edge.findings import Findings, Nodule, Other
 
 from .uids import OUTPUT_TYPES
 
-__all__ = ["DEMO_NOTE", "SUMMARY_CHARACTERS", "nodule_label", "other_label", "other_lines",
+__all__ = ["DEMO_NOTE", "SUMMARY_CHARACTERS", "nodule_label", "nodules_marked", "other_label", "other_lines",
            "series_description", "short_display", "tb_label"]
 
 DEMO_NOTE = "NOT FOR CLINICAL USE (demonstration model)"
@@ -35,11 +35,30 @@ def tb_label(findings: Findings) -> str | None:
 
 
 def nodule_label(nodule: Nodule) -> str:
-    """Short nodule label for overlays: ``"Nodule 0.91"`` (plus size when known)."""
-    text = f"Nodule {nodule.score:.2f}"
+    """Short nodule label for overlays: ``"Nodule 0.91"`` or ``"Mass 0.88"`` (plus size when
+    known; a mass is a nodule detection over 30 mm, ``Nodule.kind``)."""
+    text = f"{nodule.kind} {nodule.score:.2f}"
     if nodule.diameter_mm is not None:
         text += f", {nodule.diameter_mm:.0f} mm"
     return text
+
+
+def nodules_marked(findings: Findings, *, banner: bool = False) -> str:
+    """How many nodules and masses (``Nodule.kind``) are marked: ``"Nodules: 2 marked"``,
+    ``"Nodules: 1, masses: 1 marked"`` on the SC banner, ``"2 nodule(s), 1 mass(es) marked"``
+    on the GSPS."""
+    nodules = sum(n.kind == "Nodule" for n in findings.nodules)
+    masses = len(findings.nodules) - nodules
+    if banner:
+        if nodules and masses:
+            return f"Nodules: {nodules}, masses: {masses} marked"
+        if masses:
+            return f"Masses: {masses} marked"
+        return f"Nodules: {nodules} marked" if nodules else "Nodules: none found"
+    if not findings.nodules:
+        return "No nodules marked"
+    parts = ([f"{nodules} nodule(s)"] if nodules else []) + ([f"{masses} mass(es)"] if masses else [])
+    return ", ".join(parts) + " marked"
 
 
 def short_display(other: Other) -> str:

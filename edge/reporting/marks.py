@@ -2,7 +2,8 @@
 
 The SR, the GSPS and the SC must agree on what they show: each box (a nodule, or a
 detection of another label a model declares) has one tracking identifier (``"Nodule 2"``,
-``"Mass 1"``: numbered per display name, after the nodules for "Nodule") and one tracking
+``"Mass 1"``: numbered per display name; a nodule detection over 30 mm is a "Mass", and
+another model's masses are numbered after it) and one tracking
 key (``"nodule-2"``, ``"other-4"``: the finding's position in ``Findings.nodules`` or
 ``Findings.others``) from which ``BuildInputs.tracking_uid`` derives the UID that the SR's
 group and the GSPS's box share.
@@ -35,6 +36,7 @@ PRIVATE_SCHEME = "99XRAYEDGE"
 PRIVATE_SCHEME_NAME = "X-ray edge model finding labels"
 _LONG_MAX = 64                                 # LO: Code Meaning
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")     # not allowed in SH/LO/UC values
+_KIND_CODES = {"Nodule": codes.SCT.Nodule, "Mass": codes.SCT.Mass}   # Nodule.kind (edge.findings)
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,14 @@ class Mark:
 def marks(findings: Findings) -> list[Mark]:
     """The nodules, then the other detections, in the order of the findings."""
     nodules = nodule_model(findings)
-    found = [Mark(key=f"nodule-{n}", identifier=f"Nodule {n}", label=nodule_label(nodule),
-                  box=nodule.box, score=nodule.score, diameter_mm=nodule.diameter_mm,
-                  finding_type=codes.SCT.Nodule, model=nodules)
-             for n, nodule in enumerate(findings.nodules, start=1)]
-    numbers = {"Nodule": len(findings.nodules)}
+    numbers: dict[str, int] = {}
+    found = []
+    for n, nodule in enumerate(findings.nodules, start=1):
+        numbers[nodule.kind] = numbers.get(nodule.kind, 0) + 1      # "Nodule 2", "Mass 1"
+        found.append(Mark(key=f"nodule-{n}", identifier=f"{nodule.kind} {numbers[nodule.kind]}",
+                          label=nodule_label(nodule), box=nodule.box, score=nodule.score,
+                          diameter_mm=nodule.diameter_mm, finding_type=_KIND_CODES[nodule.kind],
+                          model=nodules))
     for index, other in enumerate(findings.others):
         if other.kind != "detection" or other.box is None:
             continue

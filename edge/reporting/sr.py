@@ -3,7 +3,7 @@
 Content tree (``tid1500.MeasurementReport``), all referencing the source image:
 - Image Library: the source image;
 - Imaging Measurements: one planar ROI group (TID 1410) per box (``marks.marks``): per
-  nodule, finding "Nodule", and per detection of another label a model declares (mass,
+  nodule, finding "Nodule" ("Mass" over 30 mm), and per detection of another label a model declares (mass,
   consolidation, ...), its coded concept, tracking identifier "<display> <n>"; each with
   the box as a closed polyline in full-resolution pixel coordinates, the detector's
   "Certainty of Finding" (percent) and, when pixel spacing is known, the long axis (mm);
