@@ -4,10 +4,12 @@ Reporting is the largest part of an image's analysis, and the TID 1500 SR (highd
 content tree, then its encoding) is about three quarters of it. On a box with cores to
 spare the SR goes to one long-lived child process while the analysis thread builds the
 other objects, so the image's results are ready in about the SR's time instead of the sum.
-Measured on the 2-vCPU benchmark machine (issue 21) it does not pay there: 94 vs 105 ms
-for the three objects when the machine is idle, but slower under load (the two vCPUs
-share one core's resources, and the child competes with the receiving and the PACS), so
-it is used from ``MIN_CORES`` cores up (a Jetson Orin has 6 to 12).
+On the 2-core benchmark machine, since the SR's construction stopped re-reading its own
+content tree, it pays there too: three interleaved A/B runs of ``python -m benchmarks.e2e
+--sizes 2048 --inputs raw --images 12 --throughput-images 16 --senders 4`` gave a
+first-byte p50 of 412/408/443 ms against 451/447/465 ms in this process, and 4 senders'
+p95 2786/2836/3202 ms against 3159/3234/3492 ms (throughput +12%). It is used from
+``MIN_CORES`` cores up: with one core the child could only take turns with the analysis.
 
 The child runs the same functions on the same inputs (the source's metadata, the findings,
 the same keyword arguments), so its bytes are identical to an in-process build. Anything
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 #: A child taking longer than this for one SR is given up for that image (built here).
 RESULT_TIMEOUT_S = 30.0
 #: The child is started on machines with at least this many cores.
-MIN_CORES = 4
+MIN_CORES = 2
 
 
 def encoded_sr(source, findings, kwargs: dict[str, Any], sent_srs: list) -> tuple[str, str, bytes]:
