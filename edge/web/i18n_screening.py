@@ -37,7 +37,7 @@ SCREENING_STRINGS: dict[str, dict[str, str]] = {
         "figures_by_day_ae": "Per day and room / van",
         "day": "Day", "fig_received": "Received", "fig_analyzed": "Analysed", "fig_skipped": "Not analysed",
         "fig_failed": "Failed", "fig_referred": "Referred", "fig_rate": "Referral rate",
-        "fig_nodules": "Nodules flagged",
+        "fig_nodules": "Nodules or masses flagged",
         "rate_outside_band": "The TB-positive rate of this period ({rate}) is outside the rate the "
                              "calibration expects ({lower}–{upper}): check the X-ray settings, the "
                              "population screened, or calibrate again.",
@@ -77,7 +77,7 @@ SCREENING_STRINGS: dict[str, dict[str, str]] = {
         "figures_by_day_ae": "Theo ngày và phòng / xe chụp",
         "day": "Ngày", "fig_received": "Đã nhận", "fig_analyzed": "Đã phân tích", "fig_skipped": "Không phân tích",
         "fig_failed": "Lỗi", "fig_referred": "Chuyển tuyến", "fig_rate": "Tỷ lệ chuyển tuyến",
-        "fig_nodules": "Có nốt phổi",
+        "fig_nodules": "Có nốt / khối phổi",
         "rate_outside_band": "Tỷ lệ dương tính lao của giai đoạn này ({rate}) nằm ngoài khoảng mà lần "
                              "hiệu chỉnh dự kiến ({lower}–{upper}): hãy kiểm tra cài đặt máy X-quang, "
                              "nhóm người được sàng lọc, hoặc hiệu chỉnh lại.",
