@@ -20,7 +20,8 @@ journal: exit status 1 if any is, 2 if the benchmark could not run, else 0 (miss
 are only reported, with the stage they miss by). The DCMTK peers run with ``TCP_NODELAY=1``
 unless ``--peer-nagle``: with Nagle's algorithm on, their small PDUs wait for the
 receiver's delayed ACK (the appliance acknowledges every read at once, so that costs it
-little; the floor's hop between two DCMTK peers pays it). ``--profile FILE`` samples ``edge serve`` with py-spy (collapsed stacks).
+little; the floor's hop between two DCMTK peers pays it). ``--profile FILE`` samples
+``edge serve`` with py-spy (collapsed stacks).
 """
 from __future__ import annotations
 

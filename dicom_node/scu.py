@@ -16,8 +16,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom import _config as _pynetdicom_config
-from pynetdicom.transport import AssociationSocket
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.transport import AssociationSocket
 
 from .sop import NATIVE_TRANSFER_SYNTAXES, RESULT_STORAGE, VERIFICATION
 from .transcode import native_copy

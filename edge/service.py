@@ -150,8 +150,9 @@ class Appliance:
         for what, step in parts:
             t0 = time.monotonic()
             step()
-            if time.monotonic() - t0 > SLOW_STOP_S:   # systemd kills a stop that hangs: say where
-                logger.warning("stopping: the %s took %.1f s", what, time.monotonic() - t0)
+            took = time.monotonic() - t0
+            if took > SLOW_STOP_S:   # systemd kills a stop that hangs: say where
+                logger.warning("stopping: the %s took %.1f s", what, took)
         if self.journal is not None:
             self.journal.close()
         logger.info("stopped in %.1f s", time.monotonic() - started)

@@ -8,8 +8,8 @@ from edge.findings import Findings, Nodule, Other
 
 from .uids import OUTPUT_TYPES
 
-__all__ = ["DEMO_NOTE", "SUMMARY_CHARACTERS", "nodule_label", "nodules_marked", "other_label", "other_lines",
-           "series_description", "short_display", "tb_label"]
+__all__ = ["DEMO_NOTE", "SUMMARY_CHARACTERS", "nodule_label", "nodules_marked", "other_label",
+           "other_lines", "series_description", "short_display", "tb_label"]
 
 DEMO_NOTE = "NOT FOR CLINICAL USE (demonstration model)"
 #: Longest summary line when the caller cannot measure text (about what fits the SC).

@@ -19,10 +19,9 @@ import re
 from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
-from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from edge.findings import Findings, ModelInfo, Other
+from edge.findings import NODULE_KIND_CODES, Findings, ModelInfo, Other
 
 from .inputs import nodule_model
 from .labels import nodule_label, other_label, short_display
@@ -36,7 +35,8 @@ PRIVATE_SCHEME = "99XRAYEDGE"
 PRIVATE_SCHEME_NAME = "X-ray edge model finding labels"
 _LONG_MAX = 64                                 # LO: Code Meaning
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")     # not allowed in SH/LO/UC values
-_KIND_CODES = {"Nodule": codes.SCT.Nodule, "Mass": codes.SCT.Mass}   # Nodule.kind (edge.findings)
+#: the coded concept of each ``Nodule.kind``
+_KIND_CODES = {kind: Code(value, scheme, meaning) for kind, (scheme, value, meaning) in NODULE_KIND_CODES.items()}
 
 
 @dataclass(frozen=True)

@@ -163,16 +163,6 @@ def render_cases(seeds: Sequence[int], size: int, *, workers: int = 2,
     return [case for k in range(len(chunks)) for case in results[k]]
 
 
-def _box_blur(image: np.ndarray) -> np.ndarray:
-    """3x3 box blur with edge padding (mild detector-MTF variation)."""
-    padded = np.pad(image, 1, mode="edge")
-    out = np.zeros_like(image)
-    for dy in range(3):
-        for dx in range(3):
-            out += padded[dy:dy + image.shape[0], dx:dx + image.shape[1]]
-    return out / 9.0
-
-
 def _box_mean(image: np.ndarray, radius: int) -> np.ndarray:
     """Mean over a (2r+1)^2 box with edge padding, by cumulative sums (any radius)."""
     if radius < 1:
@@ -272,7 +262,7 @@ def augment(case: RenderedCase, height: int, width: int, rng: np.random.Generato
         resized = np.clip(resized, 0.0, 1.0) ** gamma
         resized = (resized - 0.5) * contrast + 0.5 + shift
     if strength > 0 and blur > 0 and rng.random() < 0.3 * strength * blur:
-        resized = _box_blur(resized)
+        resized = _box_mean(resized, 1)      # 3x3: mild detector-MTF variation
     if strength > 0 and noise > 0:
         sigma = rng.uniform(0.0, 0.02 * strength * noise)
         resized = resized + rng.normal(0.0, sigma, resized.shape).astype(np.float32)

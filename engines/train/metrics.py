@@ -11,6 +11,7 @@ Used by the training run (validation, operating point) and by ``benchmarks.model
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -79,6 +80,21 @@ def hits(det: Detection, boxes: np.ndarray) -> np.ndarray:
     return inside | (iou >= 0.3)
 
 
+def _match(dets: Sequence[Detection], boxes: np.ndarray) -> list[tuple[float, int | None]]:
+    """Each detection in score order with the true lesion it finds (its index), or None for
+    a false positive; a lesion already found makes a later detection on it a false one."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    found = np.zeros(len(boxes), bool)
+    out: list[tuple[float, int | None]] = []
+    for det in sorted(dets, key=lambda d: -d[4]):
+        hit = hits(det, boxes) & ~found
+        j = int(np.argmax(hit)) if hit.any() else None
+        if j is not None:
+            found[j] = True
+        out.append((det[4], j))
+    return out
+
+
 def froc(per_image: Sequence[tuple[Sequence[Detection], np.ndarray, Sequence[float]]],
          fp_rates: Sequence[float] = FP_RATES) -> dict[str, Any]:
     """Sensitivity at given false positives per image, overall and by lesion size.
@@ -90,19 +106,11 @@ def froc(per_image: Sequence[tuple[Sequence[Detection], np.ndarray, Sequence[flo
     events = []      # (score, is_tp, groups of the lesion found)
     counts = dict.fromkeys(SIZE_GROUPS, 0)
     for dets, boxes, sizes in per_image:
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        found = np.zeros(len(boxes), bool)
         for mm in sizes:
             for g in ("all",) + size_groups(mm):
                 counts[g] += 1
-        for det in sorted(dets, key=lambda d: -d[4]):
-            hit = hits(det, boxes) & ~found
-            if hit.any():
-                j = int(np.argmax(hit))
-                found[j] = True
-                events.append((det[4], True, ("all",) + size_groups(sizes[j])))
-            else:
-                events.append((det[4], False, ()))
+        events += [(score, j is not None, () if j is None else ("all",) + size_groups(sizes[j]))
+                   for score, j in _match(dets, boxes)]
     n_images = max(1, len(per_image))
     events.sort(key=lambda e: -e[0])
     result: dict[str, Any] = {g: {} for g in counts}
@@ -144,36 +152,38 @@ def operating_point(per_image: Sequence[tuple[Sequence[Detection], np.ndarray, S
     total_by = dict.fromkeys(SIZE_GROUPS, 0)
     fps = 0
     for dets, boxes, sizes in per_image:
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        found = np.zeros(len(boxes), bool)
-        for det in sorted((d for d in dets if d[4] >= threshold), key=lambda d: -d[4]):
-            hit = hits(det, boxes) & ~found
-            if hit.any():
-                found[int(np.argmax(hit))] = True
-            else:
-                fps += 1
+        # greedy in score order: the matches above the threshold are those of all detections
+        matched = [j for score, j in _match(dets, boxes) if score >= threshold]
+        fps += sum(j is None for j in matched)
         for j, mm in enumerate(sizes):
             for g in ("all",) + size_groups(mm):
                 total_by[g] += 1
-                found_by[g] += int(found[j])
+                found_by[g] += int(j in matched)
     sens = {g: found_by[g] / total_by[g] if total_by[g] else float("nan") for g in SIZE_GROUPS}
     return {"threshold": threshold, "sensitivity": sens["all"], "by_size": sens,
             "lesions": total_by, "fp_per_image": fps / max(1, len(per_image))}
 
 
-def decode_detections(outputs: dict[str, np.ndarray], *, stride: int, score_threshold: float,
-                      nms_iou: float, max_detections: int) -> list[Detection]:
-    """Decode CenterNet outputs with ``engines.decode`` at the given settings (model-input px),
-    through the shipped detector's manifest (``export.MANIFESTS``) as the appliance would."""
-    from dataclasses import replace
-
-    from engines.decode import decode_centernet
+@functools.lru_cache(maxsize=1)
+def _detector_manifest():
+    """The shipped detector's manifest (``export.MANIFESTS``), parsed once."""
     from engines.manifest import parse_manifest
     from engines.train.export import MANIFESTS
 
     data = {section: dict(values) for section, values in MANIFESTS["nodule_detector"].items()}
     data["model"]["sha256"] = "0" * 64      # no file is loaded
-    manifest = parse_manifest(data, Path("nodule_detector"))
+    return parse_manifest(data, Path("nodule_detector"))
+
+
+def decode_detections(outputs: dict[str, np.ndarray], *, stride: int, score_threshold: float,
+                      nms_iou: float, max_detections: int) -> list[Detection]:
+    """Decode CenterNet outputs with ``engines.decode`` at the given settings (model-input px),
+    through the shipped detector's manifest as the appliance would."""
+    from dataclasses import replace
+
+    from engines.decode import decode_centernet
+
+    manifest = _detector_manifest()
     output = replace(manifest.output, stride=stride, score_threshold=score_threshold, nms_iou=nms_iou,
                      max_detections=max_detections)
     return decode_centernet(outputs, replace(manifest, output=output))
