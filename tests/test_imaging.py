@@ -5,6 +5,7 @@ dcmconv) and pydicom's encoders, then decoded by edge.imaging.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,8 +18,8 @@ from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid)
 
-from edge.imaging import (ImagingError, block_factor, block_mean, keeps_min_side, load_for_models, pixel_spacing,
-                          reduction_levels)
+from edge.imaging import (ImagingError, block_factor, block_mean, decode_j2k_reduced, keeps_min_side,
+                          load_for_models, pixel_spacing, reduction_levels, use_j2k_threads)
 
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 ROWS, COLS = 1030, 1100          # not multiples of the block/reduction factors on purpose
@@ -228,6 +229,23 @@ def test_j2k_reduced_resolution_maps_back_to_full_resolution_exactly(tmp_path: P
         centroids.append(((weight * xs).sum() / weight.sum(), (weight * ys).sum() / weight.sum()))
     assert np.allclose(centroids[0], centroids[1], atol=0.1)
     assert load_for_models(j2k, min_side=128).reduction == 3
+
+
+def test_j2k_decodes_on_several_threads_to_the_same_values(variants, monkeypatch) -> None:
+    """The decoder process sets OPJ_NUM_THREADS (OpenJPEG reads it per decode); the
+    operator's own value wins, and the threads change no sample."""
+    monkeypatch.delenv("OPJ_NUM_THREADS", raising=False)
+    use_j2k_threads()
+    threads = int(os.environ["OPJ_NUM_THREADS"])
+    assert 1 <= threads <= 4
+    monkeypatch.setenv("OPJ_NUM_THREADS", "1")
+    use_j2k_threads()
+    assert os.environ["OPJ_NUM_THREADS"] == "1"
+    frame = get_frame(pydicom.dcmread(variants["j2k_lossless"][0]).PixelData, 0, number_of_frames=1)
+    single = [decode_j2k_reduced(frame, levels) for levels in (0, 1)]
+    monkeypatch.setenv("OPJ_NUM_THREADS", "2")
+    for levels, expected in enumerate(single):
+        assert np.array_equal(decode_j2k_reduced(frame, levels), expected)
 
 
 def test_decode_size_stays_near_the_model_side() -> None:
