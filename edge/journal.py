@@ -41,7 +41,7 @@ INSTANCE_STATES = ("received", "analyzing", "analyzed", "skipped", "failed")
 FINAL_INSTANCE_STATES = ("analyzed", "skipped", "failed")
 DELIVERY_STATES = ("pending", "retrying", "sent", "gave_up", "superseded")
 SOURCE = "source"    # object_type of a forwarded received image
-SCHEMA_VERSION = 4   # 4: calibrations (edge.journal_screening)
+SCHEMA_VERSION = 5   # 4: calibrations (edge.journal_screening); 5: deliveries.early
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -115,6 +115,7 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("deliveries", "unconfirmed_at", "REAL"),
     ("instances", "recovered", "INTEGER NOT NULL DEFAULT 0"),
     ("deliveries", "rule", "TEXT"),
+    ("deliveries", "early", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -191,6 +192,7 @@ class DeliveryRow:
     replaced_at: float | None = None   # a newer analysis of the image replaced this object
     unconfirmed_at: float | None = None   # sent (or maybe sent) without a recorded answer
     rule: str | None = None   # the [[forward]] rule that sent it there (None: every image)
+    early: int = 0   # 1: queued while its analysis was under way, not yet completed
 
     @property
     def current(self) -> bool:
@@ -465,22 +467,58 @@ class Journal(CommitmentRecords, ScreeningRecords):
                        " analyzed_at=?, updated_at=?, not_before=NULL WHERE sop_instance_uid=?",
                        (state, reason, json.dumps(findings) if findings is not None else None,
                         json.dumps(merged, sort_keys=True), now, now, sop_instance_uid))
+            # Results queued early by an analysis that ended otherwise are not sent (any
+            # already sent stay so); a later analysis queues its own again.
+            db.execute("UPDATE deliveries SET"
+                       " replaced_at=CASE WHEN state IN ('pending','retrying') THEN ? ELSE replaced_at END,"
+                       " state=CASE WHEN state IN ('pending','retrying') THEN 'superseded' ELSE state END,"
+                       " early=0, updated_at=? WHERE sop_instance_uid=? AND early=1",
+                       (now, now, sop_instance_uid))
+
+    def queue_early_results(self, sop_instance_uid: str, plan: Iterable[tuple], *,
+                            now: float | None = None) -> None:
+        """Queue some result objects of an analysis still under way (the GSPS and SC while
+        the SR is being built), so the outbox sends them meanwhile; ``plan`` as in
+        ``complete_analysis``, without "source" entries, for files already written durably.
+
+        A row of the same object and destination left by a completed earlier analysis is
+        queued again, as ``complete_analysis`` does; one left by an analysis of this image
+        that never completed (a crash interrupted it while the SR was built) is kept as it
+        is, so a restart does not send an object twice.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT recovered FROM instances WHERE sop_instance_uid=?",
+                             (sop_instance_uid,)).fetchone()
+            if row is None:
+                raise KeyError(sop_instance_uid)
+            unconfirmed = now if row["recovered"] else None
+            for object_type, result_uid, path, dest, *more in plan:
+                if object_type == SOURCE:
+                    raise ValueError("the image itself is queued with complete_analysis")
+                _queue_result(db, sop_instance_uid, object_type, result_uid, path, dest,
+                              more[0] if more else None, now=now, unconfirmed=unconfirmed, early=True)
 
     def complete_analysis(self, sop_instance_uid: str, *, findings: dict[str, Any],
                           timings_ms: dict[str, float],
                           plan: Iterable[tuple],
                           local_destination: str | None = None,
+                          queued_early: Iterable[tuple[str, str]] = (),
                           now: float | None = None) -> None:
         """Mark an instance analyzed AND queue its result objects, in one transaction.
 
         ``plan`` holds (object_type, result_uid, path, destination[, rule]) for files
         already written durably; ``rule`` names the [[forward]] rule that sends it there.
         A "source" entry (the image itself, forwarded by a rule) is queued only if that
-        destination never had it: an image is forwarded once, whatever reanalyses follow. Rows for ``local_destination`` (the results folder, used when no
-        destination is configured) are recorded as sent.
+        destination never had it: an image is forwarded once, whatever reanalyses follow.
+        Rows for ``local_destination`` (the results folder, used when no destination is
+        configured) are recorded as sent. Entries whose (result_uid, destination) is in
+        ``queued_early`` were queued by ``queue_early_results`` during this analysis and
+        are left as they are (perhaps sent already).
         """
         now = time.time() if now is None else now
         rows = list(plan)
+        early = set(queued_early)
         with self._tx() as db:
             row = db.execute("SELECT timings_json, recovered FROM instances WHERE sop_instance_uid=?",
                              (sop_instance_uid,)).fetchone()
@@ -513,19 +551,11 @@ class Journal(CommitmentRecords, ScreeningRecords):
                         " path, destination, state, created_at, updated_at, next_attempt_at, rule)"
                         " VALUES (?,?,?,?,?,'pending',?,?,?,?)",
                         (sop_instance_uid, SOURCE, result_uid, path, dest, now, now, now, rule))
-                    continue
-                local = dest == local_destination
-                db.execute(
-                    "INSERT INTO deliveries (sop_instance_uid, object_type, result_uid, path,"
-                    " destination, state, created_at, updated_at, next_attempt_at, sent_at,"
-                    " unconfirmed_at, rule) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT (result_uid, destination) DO UPDATE SET path=excluded.path,"
-                    " state=excluded.state, attempts=0, last_error=NULL, created_at=excluded.created_at,"
-                    " next_attempt_at=excluded.next_attempt_at, updated_at=excluded.updated_at,"
-                    " replaced_at=NULL, unconfirmed_at=excluded.unconfirmed_at, rule=excluded.rule",
-                    (sop_instance_uid, object_type, result_uid, path, dest,
-                     "sent" if local else "pending", now, now, now, now if local else None,
-                     None if local else unconfirmed, rule))
+                elif (result_uid, dest) not in early:
+                    _queue_result(db, sop_instance_uid, object_type, result_uid, path, dest, rule,
+                                  now=now, unconfirmed=unconfirmed, local=dest == local_destination)
+            db.execute("UPDATE deliveries SET early=0 WHERE sop_instance_uid=? AND early=1",
+                       (sop_instance_uid,))
 
     def resume_interrupted(self) -> int:
         """On start: instances left in ``analyzing`` go back to ``received``."""
@@ -767,6 +797,26 @@ class Journal(CommitmentRecords, ScreeningRecords):
         return {(r[0], r[1], r[2]): r[3] for r in self._query(
             "SELECT destination, object_type, state, COUNT(*) FROM deliveries"
             " GROUP BY destination, object_type, state")}
+
+
+def _queue_result(db: sqlite3.Connection, sop_instance_uid: str, object_type: str, result_uid: str,
+                  path: str, dest: str, rule: str | None, *, now: float, unconfirmed: float | None,
+                  local: bool = False, early: bool = False) -> None:
+    """Insert a result's delivery row, or queue an existing one of the same object and
+    destination again. ``early`` (an analysis under way): the row is marked early, and an
+    existing early row, left by an analysis that never completed, is kept as it is."""
+    db.execute(
+        "INSERT INTO deliveries (sop_instance_uid, object_type, result_uid, path,"
+        " destination, state, created_at, updated_at, next_attempt_at, sent_at,"
+        " unconfirmed_at, rule, early) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT (result_uid, destination) DO UPDATE SET path=excluded.path,"
+        " state=excluded.state, attempts=0, last_error=NULL, created_at=excluded.created_at,"
+        " next_attempt_at=excluded.next_attempt_at, updated_at=excluded.updated_at,"
+        " replaced_at=NULL, unconfirmed_at=excluded.unconfirmed_at, rule=excluded.rule,"
+        " early=excluded.early" + (" WHERE deliveries.early = 0" if early else ""),
+        (sop_instance_uid, object_type, result_uid, path, dest,
+         "sent" if local else "pending", now, now, now, now if local else None,
+         None if local else unconfirmed, rule, int(early)))
 
 
 def check_integrity(path: str | Path) -> bool:

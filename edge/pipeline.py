@@ -220,20 +220,30 @@ class Pipeline:
         t0, cpu0 = time.perf_counter(), time.thread_time()
         objects, files = [], {}
         staged, early_error = StagedFiles(), []
+        placed_early: set = set()
+        queued_early: set[tuple[str, str]] = set()
 
-        def stage_early(entries: list) -> None:
-            """The GSPS and SC written (and fsynced) while the SR child is still at work."""
+        def deliver_early(entries: list) -> None:
+            """The GSPS and SC written durably and queued while the SR child is still at
+            work, so that the outbox sends them meanwhile (about 40 ms of three C-STOREs'
+            round trips off each image's path on the benchmark machine)."""
+            early, paths = StagedFiles(), {self.config.storage_dir / rel: data for _, _, rel, data in entries}
             try:
-                staged.stage({self.config.storage_dir / rel: data for _, _, rel, data in entries})
+                early.stage(paths)
+                early.place()
             except OSError as exc:
+                early.discard()
                 early_error.append(exc)
+                return
+            placed_early.update(paths)
+            queued_early.update(self._queue_early(job.row, findings, entries))
 
         try:
             for kind, uid, rel, data in encode_results(
                     job.source, findings, job.prepared.image.unit_image, self.outputs,
                     received_at=job.row.received_at, source_digest=job.row.sha256,
                     equipment=self._equipment, sent_srs=self._sent_srs(job.row),
-                    sr_worker=self._sr_worker, on_built=stage_early):
+                    sr_worker=self._sr_worker, on_built=deliver_early):
                 files[self.config.storage_dir / rel] = data
                 objects.append((kind, uid, rel))
             if self.config.fhir is not None:   # the EMR's transaction, durable with the rest
@@ -248,7 +258,7 @@ class Pipeline:
         try:
             if early_error:
                 raise early_error[0]
-            staged.stage({path: data for path, data in files.items() if path not in staged})
+            staged.stage({path: data for path, data in files.items() if path not in placed_early})
             staged.place()
         except OSError as exc:
             staged.discard()
@@ -270,7 +280,7 @@ class Pipeline:
         timings["analysis_total"] = (time.perf_counter() - job.started) * 1000.0
         findings.timings_ms = timings
         plan = delivery_plan(self.config, job.row, findings, objects)
-        self._complete(job.row, findings, timings, plan)
+        self._complete(job.row, findings, timings, plan, queued_early)
         self.last_progress = time.time()
         if self.metrics is not None:
             for stage, ms in timings.items():
@@ -321,10 +331,25 @@ class Pipeline:
                                delivery.result_uid, row.sop_instance_uid)
         return out
 
-    def _complete(self, row: InstanceRow, findings: Findings, timings: dict, plan: list) -> None:
+    def _queue_early(self, row: InstanceRow, findings: Findings, entries: list) -> set[tuple[str, str]]:
+        """Queue the delivery of result objects already written while the analysis goes on;
+        returns their (result_uid, destination). Not to the results folder (nothing to
+        send), nor where a [[forward]] rule sends the image, which goes there first."""
+        if not self.config.destinations:
+            return set()
+        plan = delivery_plan(self.config, row, findings, [(kind, uid, rel) for kind, uid, rel, _ in entries])
+        routed = {p[3] for p in plan if p[0] == SOURCE}
+        early = [p for p in plan if p[0] != SOURCE and p[3] not in routed]
+        if early:
+            self.journal.queue_early_results(row.sop_instance_uid, early)
+            self._on_results()
+        return {(p[1], p[3]) for p in early}
+
+    def _complete(self, row: InstanceRow, findings: Findings, timings: dict, plan: list,
+                  queued_early: set[tuple[str, str]]) -> None:
         self.journal.complete_analysis(
             row.sop_instance_uid, findings=findings.to_dict(), timings_ms=timings,
-            plan=plan, local_destination=LOCAL_DESTINATION)
+            plan=plan, local_destination=LOCAL_DESTINATION, queued_early=queued_early)
 
     def _finish(self, row: InstanceRow, state: str, reason: str | None,
                 findings: Findings | None = None) -> None:

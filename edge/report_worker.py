@@ -85,7 +85,15 @@ class SRWorker:
             max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init,
             initargs=(os.getpid(),))
         self._ready = self._pool.submit(encoded_sr, warm_source, warm_findings, warm_kwargs, [])
+        self._ready.add_done_callback(self._warmed_up)
         return self
+
+    @staticmethod
+    def _warmed_up(future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            logger.info("SRs are built in a child process from now on")
+        else:
+            logger.warning("the SR child process did not warm up; SRs are built in the analysis thread")
 
     @property
     def ready(self) -> bool:

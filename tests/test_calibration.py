@@ -380,7 +380,7 @@ def test_older_journal_gains_the_calibrations_table(tmp_path):
         assert journal.calibrations()[0].previous_threshold == 0.5
     finally:
         journal.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 def test_config_edit_of_the_shipped_template():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import sqlite3
 import time
 
 import pytest
@@ -57,6 +58,18 @@ def test_results_reach_the_pacs_in_the_source_study(tmp_path, edge_server, ortha
     jobs = srv.jobs()
     assert {j["state"] for j in jobs} == {"analyzed"}
     assert {j["delivery"] for j in jobs} == {"sent"}
+    from edge.report_worker import SRWorker
+    if SRWorker.useful():   # the SR is built in a child: the GSPS and SC go out meanwhile
+        wait_until(lambda: "SRs are built in a child process" in srv.log.read_text(), 60, what="the SR child")
+        more, more_sources = _images(tmp_path, 1, seed0=7)
+        assert srv.storescu(*more).returncode == 0
+        wait_until(lambda: _complete(pacs, more_sources), 90, what="SR+GSPS+SC in Orthanc")
+        db = sqlite3.connect(srv.data_dir / "journal.sqlite3")
+        (analyzed_at,), = db.execute("SELECT analyzed_at FROM instances WHERE sop_instance_uid=?", list(more_sources))
+        queued = dict(db.execute("SELECT object_type, created_at FROM deliveries WHERE sop_instance_uid=?",
+                                 list(more_sources)))
+        db.close()
+        assert queued["gsps"] < analyzed_at and queued["sc"] < analyzed_at and queued["sr"] == analyzed_at
 
 
 def test_pacs_down_then_back_delivers_once(tmp_path, edge_server, orthanc):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from edge.journal import SCHEMA_VERSION, Journal
 
 # The journal schema of the first release (0.1.0), as boxes in the field have it.
@@ -184,3 +186,35 @@ def test_claiming_and_counting_an_attempt_do_not_wait_for_the_disk_and_the_rest_
     reopened = Journal(tmp_path / "j.sqlite3")   # what was committed is there
     assert reopened.find_instance("1.2.3").attempts == 1
     assert reopened.find_instance("1.2.3").state == "analyzing"
+
+
+def test_results_queued_during_the_analysis_are_sent_once_across_a_restart(tmp_path):
+    """The GSPS and SC are queued while the SR is built: a restart before the analysis
+    completes does not send them again, a completed analysis of the image later does."""
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.record_received(_new())
+    gsps, sc, sr = (("gsps", "2.25.1", "results/g.dcm", "pacs"), ("sc", "2.25.2", "results/c.dcm", "pacs"),
+                    ("sr", "2.25.3", "results/s.dcm", "pacs"))
+    journal.queue_early_results("1.2.3", [gsps, sc], now=20.0)
+    with pytest.raises(ValueError):
+        journal.queue_early_results("1.2.3", [("source", "1.2.3", "spool/x.dcm", "pacs")])
+    assert sorted(_due(journal)) == [("gsps", "pending"), ("sc", "pending")]   # before the SR exists
+    rows = {d.object_type: d for d in journal.deliveries_for("1.2.3")}
+    journal.mark_delivery_sent(rows["gsps"].id)
+    # killed while the SR was built; analysed again: the GSPS stays sent, the SC still due
+    journal.queue_early_results("1.2.3", [gsps, sc], now=30.0)
+    assert {d.object_type: d.state for d in journal.deliveries_for("1.2.3")} == {"gsps": "sent", "sc": "pending"}
+    journal.complete_analysis("1.2.3", findings={}, timings_ms={}, plan=[gsps, sc, sr], now=40.0,
+                              queued_early={("2.25.1", "pacs"), ("2.25.2", "pacs")})
+    after = {d.object_type: d for d in journal.deliveries_for("1.2.3")}
+    assert {k: (d.state, d.early, d.created_at) for k, d in after.items()} == {
+        "gsps": ("sent", 0, 20.0), "sc": ("pending", 0, 20.0), "sr": ("pending", 0, 40.0)}
+    # a later analysis (the technician's "analyse again") queues the same objects again
+    journal.queue_early_results("1.2.3", [gsps], now=50.0)
+    assert journal.deliveries_for("1.2.3")[0].state == "pending"
+    # ... and one that ends failed withdraws what it queued and did not send
+    journal.finish_instance("1.2.3", "failed", reason="internal error", now=60.0)
+    ended = {d.object_type: d for d in journal.deliveries_for("1.2.3")}
+    assert (ended["gsps"].state, ended["gsps"].replaced_at, ended["gsps"].early) == ("superseded", 60.0, 0)
+    assert ended["sr"].state == "pending"     # of the completed analysis: untouched
+    journal.close()
