@@ -50,7 +50,8 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from benchmarks.e2e_trace import (ANALYSIS_PARTS, RESULT_CLASSES, TARGET_E2E_MS, TARGET_RATIO,  # noqa: F401
-                                  TRACE_SEGMENTS, evaluate_targets, image_trace, outlier_traces)
+                                  TRACE_SEGMENTS, cpu_bound_ms, evaluate_targets, image_trace,
+                                  outlier_traces)
 from dicom_node import dcmtk
 
 logger = logging.getLogger(__name__)
@@ -541,6 +542,55 @@ def _last_arrival(pacs, study: str) -> float:
     return max(first.values())
 
 
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants: those
+    running now, and those they have waited for (``/proc/<pid>/stat`` utime..cstime)."""
+    if pid is None:
+        return 0.0
+    stats: dict[int, list[str]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue        # gone meanwhile
+        fields = raw[raw.rindex(")") + 2:].split()   # from the state on; the name may hold spaces
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            ticks += sum(int(x) for x in stats[p][11:15])
+            todo += children.get(p, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds spent during a run by the appliance (with its decoder and SR children),
+    the PACS, the modalities (the ``storescu`` runs this process waited for) and this
+    process (polls, floor inference): on a 2-core machine they all share the cores."""
+
+    def __init__(self, edge: "EdgeProcess", pacs) -> None:
+        self._pids = {"edge": edge.proc.pid if edge.proc else None,
+                      "pacs": pacs.proc.pid if pacs.proc else None}
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        import resource
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {**{name: tree_cpu_s(pid) for name, pid in self._pids.items()},
+                "modality": kids.ru_utime + kids.ru_stime, "benchmark": own.ru_utime + own.ru_stime}
+
+    def per_image_ms(self, images: int) -> dict[str, float]:
+        end = self._read()
+        out = {k: round((end[k] - self._start[k]) * 1000.0 / max(1, images), 1) for k in end}
+        out["total"] = round(sum(out.values()), 1)
+        return out
+
+
 def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeProcess, pacs,
             timeout: float, storescu: list[str], floor: Floor | None = None,
             template: Path | None = None) -> dict[str, Any]:
@@ -549,6 +599,7 @@ def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeP
     and measure. Each image's clock starts when its ``storescu`` starts (the modality's
     first byte). With ``floor``, a floor sample is taken before each latency image."""
     edge.reset_peak_rss()
+    cpu = CpuMeter(edge, pacs)
     t_start = time.time()
     hops: list[float] = []
     inference: list[float] = []
@@ -593,6 +644,7 @@ def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeP
         for t in threads:
             t.join()
     pacs.collect()
+    cpu_ms = cpu.per_image_ms(len(copies))
     peak_mb = edge.peak_rss_mb()
     complete = [c for c in copies if c.get("sent_ok") and _complete(pacs, c["study"])]
     t_end = max((_last_arrival(pacs, c["study"]) for c in complete), default=time.time())
@@ -631,7 +683,7 @@ def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeP
            "stages_ms": {s: pct(v, 50, 95) for s, v in stages.items() if v},
            "throughput_per_min": round(len(complete) / wall * 60.0, 1), "wall_s": round(wall, 2),
            "peak_rss_mb": peak_mb, "lost": lost, "duplicated": dup, "problems": problems[:20],
-           "runner": backends}
+           "runner": backends, "cpu_ms_per_image": cpu_ms}
     if hops:
         hop50 = pct(hops, 50)["p50"]
         inf50 = pct(inference, 50).get("p50", 0.0)
@@ -645,6 +697,11 @@ def run_one(label: str, mode: str, senders: int, copies: list[dict], edge: EdgeP
     out["detail_p50_ms"] = {k: round(float(np.median([tr["detail_ms"][k] for tr in traces if k in tr["detail_ms"]])), 1)
                             for k in detail_keys}
     out["outliers"] = outlier_traces(traces)
+    if mode == "throughput":   # what the CPU work alone allows with these arrivals
+        starts, cores = [c["t_first_byte"] for c in copies if "t_first_byte" in c], os.cpu_count() or 1
+        out["cores"] = cores
+        out["cpu_bound_first_byte_ms"] = {who: pct(cpu_bound_ms(starts, cpu_ms[key] / 1000.0 / cores), 50, 95)
+                                          for who, key in (("edge", "edge"), ("all", "total"))}
     return out
 
 
@@ -884,6 +941,23 @@ def _segment_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _cpu_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """CPU per image by process in the throughput runs, the images/min that CPU allows on
+    this machine's cores, and the p95 an ideal machine would give with the run's arrivals."""
+    head = ["input", "senders", "edge", "PACS", "modality", "benchmark", "total", "CPU-bound img/min",
+            "ideal p95 (edge alone)", "ideal p95 (all)", "measured p95"]
+    rows = []
+    for r in report["runs"]:
+        cpu, bound = r.get("cpu_ms_per_image") or {}, r.get("cpu_bound_first_byte_ms")
+        if r["mode"] != "throughput" or not bound or not cpu.get("total"):
+            continue
+        rows.append([r["input"], str(r["senders"]), *[_fmt(cpu.get(k)) for k in
+                                                       ("edge", "pacs", "modality", "benchmark", "total")],
+                     _fmt(r["cores"] * 60000.0 / cpu["total"]), _fmt(bound["edge"].get("p95")),
+                     _fmt(bound["all"].get("p95")), _fmt((r.get("first_byte_ms") or {}).get("p95"))])
+    return head, rows
+
+
 def _outlier_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Every image slower than 2x its run's median, its cause and its whole trace."""
     head = ["run", "image", "first byte", "run median", "cause", "excess", *TRACE_SEGMENTS, "detail"]
@@ -939,6 +1013,9 @@ def render_text(report: dict[str, Any]) -> str:
     out = ["", *_summary_lines(report), "", "end to end (ms), throughput (images/min), peak RSS of edge serve",
            _text_table(head, rows), "", "per-stage p50 (ms), latency runs", _text_table(shead, srows), "",
            "path from the first byte, p50 per segment (ms)", _text_table(*_segment_table(report))]
+    chead, crows = _cpu_table(report)
+    if crows:
+        out += ["", "CPU ms per image, throughput runs", _text_table(chead, crows)]
     ohead, orows = _outlier_table(report)
     if orows:
         out += ["", "outliers (first byte > 2x the run's median)", _text_table(ohead, orows)]
@@ -965,6 +1042,19 @@ def _detail_section(report: dict[str, Any]) -> list[str]:
             lines.append(f"- {r['input']} {r['mode']} x{r['senders']}: "
                          + ", ".join(f"{k} {v:g}" for k, v in sorted(d.items())))
     return lines + [""] if len(lines) > 2 else []
+
+
+def _cpu_section(report: dict[str, Any]) -> list[str]:
+    head, rows = _cpu_table(report)
+    if not rows:
+        return []
+    return ["CPU per image (ms, user + system) in the throughput runs: `edge` the appliance with its "
+            "decoder and SR child processes, `PACS` Orthanc, `modality` the `storescu` runs, `benchmark` "
+            "this process (polls); all share this machine's cores. `CPU-bound img/min`: what that CPU "
+            "allows with every core busy. `ideal p95`: the first-byte p95 of a machine that needs only "
+            "that CPU per image, perfectly parallel, with the run's own arrival times "
+            "(`benchmarks.e2e_trace.cpu_bound_ms`): the appliance's work alone (the PACS and the "
+            "modality elsewhere, as at a site), and everything on this machine.", "", _md_table(head, rows), ""]
 
 
 def _outlier_section(report: dict[str, Any]) -> list[str]:
@@ -999,7 +1089,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "journal commit of the instance -> storescu exited, `queue` -> analysis start, the analysis "
         "stages, `to_pacs` analysis journaled -> last result answered by the PACS, `seen` -> the poll "
         "saw it:", "", _md_table(*_segment_table(report)), "", *_detail_section(report),
-        *_outlier_section(report),
+        *_cpu_section(report), *_outlier_section(report),
         "Per-stage p50 (ms) from the appliance journal, latency runs "
         "(`untimed`: analysis total minus its timed parts, mostly reading the stored file; `queue`: received -> "
         "analysis start, plus the journal commit; `to_pacs`: analyzed -> last result sent):", "",

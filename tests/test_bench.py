@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +139,13 @@ def test_benchmark_core_reports_every_run_without_loss(tmp_path, capsys, pacs, f
         assert run["ratio"] == pytest.approx(e2e_ms["p50"] / run["bare_inference_ms"]["p50"], rel=1e-2)
         assert run["throughput_per_min"] > 0 and run["peak_rss_mb"] > 50
         assert run["runner"] == ["onnxruntime"]
+        cpu = run["cpu_ms_per_image"]   # the appliance analysed every image: it used CPU
+        assert cpu["edge"] > 0 and cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"),
+                                                                 abs=0.5)
+        if run["mode"] == "throughput":
+            assert run["cores"] >= 1 and cpu["modality"] > 0 and cpu["pacs"] > 0
+            bound = run["cpu_bound_first_byte_ms"]
+            assert 0 < bound["edge"]["p95"] <= bound["all"]["p95"]
     # every image's three results reached the PACS: 3 per measured and warm-up image
     assert report["final_check"]["result_objects"] == 3 * sum(r["images"] + r["warmup_images"]
                                                               for r in report["runs"])
@@ -143,14 +154,25 @@ def test_benchmark_core_reports_every_run_without_loss(tmp_path, capsys, pacs, f
     md = e2e.render_markdown(report)
     assert "| input | mode | senders |" in md and "Slowest stage: `" in md
     assert "floor ratio" in md and "Outliers:" in md
+    if throughput != "0":
+        assert "CPU per image (ms, user + system)" in md
 
 
-def test_write_results_keeps_the_sections_other_benchmarks_own(tmp_path, monkeypatch):
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# End-to-end benchmark results\nold figures\n\n<!-- model_eval:begin -->\n"
-                    "## Demonstration models\nAUC 0.9\n<!-- model_eval:end -->\n")
-    monkeypatch.setattr(e2e, "render_markdown", lambda report: "# End-to-end benchmark results\nnew figures\n")
-    e2e.write_results({}, path)
-    text = path.read_text()
-    assert "new figures" in text and "old figures" not in text
-    assert text.endswith("<!-- model_eval:begin -->\n## Demonstration models\nAUC 0.9\n<!-- model_eval:end -->\n")
+def test_cpu_bound_latency_queues_the_work_of_images_arriving_together():
+    # four images at once, 0.25 s of the whole machine each; a fifth after the queue drained
+    assert e2e.cpu_bound_ms([10.0, 10.0, 10.0, 10.0, 12.0], 0.25) == pytest.approx([250, 500, 750, 1000, 250])
+
+
+def test_cpu_of_a_process_tree_counts_its_children():
+    """A parent that only waits, and its child that burns 0.3 s of CPU, then sleeps."""
+    child = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    waits = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", waits], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while e2e.tree_cpu_s(parent.pid) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert e2e.tree_cpu_s(parent.pid) >= 0.3
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
