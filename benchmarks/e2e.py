@@ -14,7 +14,10 @@ the same file straight to the same PACS plus the bare inference of both models i
 process; the report gives first-byte p50/p95/p99/max, the floor and their ratio, each
 image's path cut into segments (``benchmarks.e2e_trace``) and every image slower than twice
 its run's median with the segment that grew. Per-stage timings come from the appliance's
-journal, peak memory from VmHWM of the ``edge serve`` process (reset before each run).
+journal, peak memory from VmHWM of the ``edge serve`` process (reset before each run),
+CPU per image from ``/proc`` for each process on the machine (``CpuMeter``); for runs with
+several senders, the first-byte times an ideal machine with that CPU work would give for
+the same arrivals (``cpu_bound_ms``) tell the machine's limit from the appliance's waste.
 Every run checks that no image is lost and no result duplicated, at the PACS and in the
 journal: exit status 1 if any is, 2 if the benchmark could not run, else 0 (missed targets
 are only reported, with the stage they miss by). The DCMTK peers run with ``TCP_NODELAY=1``
