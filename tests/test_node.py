@@ -486,3 +486,29 @@ def test_every_read_is_acknowledged_at_once_on_both_sides(tmp_path, node, monkey
     assert outcomes[0].delivered and len(received) == 1
     assert "sender" in sides, "the sending side never acknowledged a read at once"
     assert "listener" in sides, "the listener never acknowledged a read at once"
+
+
+def test_a_pdu_read_into_one_buffer_is_complete_and_a_closed_connection_gives_what_came():
+    """The association socket reads a PDU with few system calls (not pynetdicom's 4 kB
+    ones): every byte in order however it is segmented; a peer that closes mid-PDU gives
+    the bytes that came, as pynetdicom's own read does."""
+    import socket as socket_module
+    import threading
+
+    from dicom_node.scu import _read_exactly
+
+    payload = bytes(range(256)) * 4099     # ~1 MB, not a multiple of any segment size
+    a, b = socket_module.socketpair()
+    try:
+        def send_in_pieces():
+            for i in range(0, len(payload), 7001):
+                a.sendall(payload[i:i + 7001])
+            a.sendall(b"tail")
+            a.close()
+        sender = threading.Thread(target=send_in_pieces)
+        sender.start()
+        assert bytes(_read_exactly(b, len(payload))) == payload
+        assert bytes(_read_exactly(b, 100)) == b"tail"      # then the peer closed
+        sender.join()
+    finally:
+        b.close()
