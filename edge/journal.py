@@ -503,7 +503,6 @@ class Journal(CommitmentRecords, ScreeningRecords):
                           timings_ms: dict[str, float],
                           plan: Iterable[tuple],
                           local_destination: str | None = None,
-                          queued_early: Iterable[tuple[str, str]] = (),
                           now: float | None = None) -> None:
         """Mark an instance analyzed AND queue its result objects, in one transaction.
 
@@ -512,13 +511,12 @@ class Journal(CommitmentRecords, ScreeningRecords):
         A "source" entry (the image itself, forwarded by a rule) is queued only if that
         destination never had it: an image is forwarded once, whatever reanalyses follow.
         Rows for ``local_destination`` (the results folder, used when no destination is
-        configured) are recorded as sent. Entries whose (result_uid, destination) is in
-        ``queued_early`` were queued by ``queue_early_results`` during this analysis and
-        are left as they are (perhaps sent already).
+        configured) are recorded as sent. Rows that ``queue_early_results`` queued while
+        this analysis (or one a crash interrupted) was under way are left as they are,
+        perhaps sent already: same UID, same content.
         """
         now = time.time() if now is None else now
         rows = list(plan)
-        early = set(queued_early)
         with self._tx() as db:
             row = db.execute("SELECT timings_json, recovered FROM instances WHERE sop_instance_uid=?",
                              (sop_instance_uid,)).fetchone()
@@ -551,7 +549,7 @@ class Journal(CommitmentRecords, ScreeningRecords):
                         " path, destination, state, created_at, updated_at, next_attempt_at, rule)"
                         " VALUES (?,?,?,?,?,'pending',?,?,?,?)",
                         (sop_instance_uid, SOURCE, result_uid, path, dest, now, now, now, rule))
-                elif (result_uid, dest) not in early:
+                else:
                     _queue_result(db, sop_instance_uid, object_type, result_uid, path, dest, rule,
                                   now=now, unconfirmed=unconfirmed, local=dest == local_destination)
             db.execute("UPDATE deliveries SET early=0 WHERE sop_instance_uid=? AND early=1",
@@ -803,8 +801,8 @@ def _queue_result(db: sqlite3.Connection, sop_instance_uid: str, object_type: st
                   path: str, dest: str, rule: str | None, *, now: float, unconfirmed: float | None,
                   local: bool = False, early: bool = False) -> None:
     """Insert a result's delivery row, or queue an existing one of the same object and
-    destination again. ``early`` (an analysis under way): the row is marked early, and an
-    existing early row, left by an analysis that never completed, is kept as it is."""
+    destination again, unless that one was queued early (by an analysis not yet completed:
+    kept as it is). ``early``: the analysis is still under way; the new row is marked so."""
     db.execute(
         "INSERT INTO deliveries (sop_instance_uid, object_type, result_uid, path,"
         " destination, state, created_at, updated_at, next_attempt_at, sent_at,"
@@ -813,7 +811,7 @@ def _queue_result(db: sqlite3.Connection, sop_instance_uid: str, object_type: st
         " state=excluded.state, attempts=0, last_error=NULL, created_at=excluded.created_at,"
         " next_attempt_at=excluded.next_attempt_at, updated_at=excluded.updated_at,"
         " replaced_at=NULL, unconfirmed_at=excluded.unconfirmed_at, rule=excluded.rule,"
-        " early=excluded.early" + (" WHERE deliveries.early = 0" if early else ""),
+        " early=excluded.early WHERE deliveries.early = 0",
         (sop_instance_uid, object_type, result_uid, path, dest,
          "sent" if local else "pending", now, now, now, now if local else None,
          None if local else unconfirmed, rule, int(early)))

@@ -221,7 +221,6 @@ class Pipeline:
         objects, files = [], {}
         staged, early_error = StagedFiles(), []
         placed_early: set = set()
-        queued_early: set[tuple[str, str]] = set()
 
         def deliver_early(entries: list) -> None:
             """The GSPS and SC written durably and queued while the SR child is still at
@@ -238,7 +237,7 @@ class Pipeline:
                 early_error.append(exc)
                 return
             placed_early.update(paths)
-            queued_early.update(self._queue_early(job.row, findings, entries))
+            self._queue_early(job.row, findings, entries)
 
         try:
             for kind, uid, rel, data in encode_results(
@@ -282,7 +281,7 @@ class Pipeline:
         timings["analysis_total"] = (time.perf_counter() - job.started) * 1000.0
         findings.timings_ms = timings
         plan = delivery_plan(self.config, job.row, findings, objects)
-        self._complete(job.row, findings, timings, plan, queued_early)
+        self._complete(job.row, findings, timings, plan)
         self.last_progress = time.time()
         if self.metrics is not None:
             for stage, ms in timings.items():
@@ -333,25 +332,23 @@ class Pipeline:
                                delivery.result_uid, row.sop_instance_uid)
         return out
 
-    def _queue_early(self, row: InstanceRow, findings: Findings, entries: list) -> set[tuple[str, str]]:
-        """Queue the delivery of result objects already written while the analysis goes on;
-        returns their (result_uid, destination). Not to the results folder (nothing to
-        send), nor where a [[forward]] rule sends the image, which goes there first."""
+    def _queue_early(self, row: InstanceRow, findings: Findings, entries: list) -> None:
+        """Queue the delivery of result objects already written while the analysis goes on.
+        Not to the results folder (nothing to send), nor where a [[forward]] rule sends the
+        image, which goes there first."""
         if not self.config.destinations:
-            return set()
+            return
         plan = delivery_plan(self.config, row, findings, [(kind, uid, rel) for kind, uid, rel, _ in entries])
         routed = {p[3] for p in plan if p[0] == SOURCE}
         early = [p for p in plan if p[0] != SOURCE and p[3] not in routed]
         if early:
             self.journal.queue_early_results(row.sop_instance_uid, early)
             self._on_results()
-        return {(p[1], p[3]) for p in early}
 
-    def _complete(self, row: InstanceRow, findings: Findings, timings: dict, plan: list,
-                  queued_early: set[tuple[str, str]]) -> None:
+    def _complete(self, row: InstanceRow, findings: Findings, timings: dict, plan: list) -> None:
         self.journal.complete_analysis(
             row.sop_instance_uid, findings=findings.to_dict(), timings_ms=timings,
-            plan=plan, local_destination=LOCAL_DESTINATION, queued_early=queued_early)
+            plan=plan, local_destination=LOCAL_DESTINATION)
 
     def _finish(self, row: InstanceRow, state: str, reason: str | None,
                 findings: Findings | None = None) -> None:
