@@ -380,14 +380,12 @@ class Journal(CommitmentRecords, ScreeningRecords):
     def add_timings(self, sop_instance_uid: str, timings_ms: dict[str, float]) -> None:
         """Merge per-stage timings (milliseconds) into the instance's record."""
         with self._tx(flush=False) as db:   # timings: harmless to lose in a power cut
-            row = db.execute("SELECT timings_json FROM instances WHERE sop_instance_uid=?",
-                             (sop_instance_uid,)).fetchone()
-            if row is None:
+            try:
+                row = _instance(db, sop_instance_uid, "timings_json")
+            except KeyError:
                 return
-            merged = json.loads(row["timings_json"] or "{}")
-            merged.update({k: round(float(v), 3) for k, v in timings_ms.items()})
             db.execute("UPDATE instances SET timings_json=? WHERE sop_instance_uid=?",
-                       (json.dumps(merged, sort_keys=True), sop_instance_uid))
+                       (_merged_timings(row, timings_ms), sop_instance_uid))
 
     def claim_next_instance(self, *, now: float | None = None) -> InstanceRow | None:
         """Move the oldest due ``received`` instance to ``analyzing`` and return it.
@@ -457,16 +455,11 @@ class Journal(CommitmentRecords, ScreeningRecords):
             raise ValueError(f"state: {state!r} is not a final state {FINAL_INSTANCE_STATES}")
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute("SELECT timings_json FROM instances WHERE sop_instance_uid=?",
-                             (sop_instance_uid,)).fetchone()
-            if row is None:
-                raise KeyError(sop_instance_uid)
-            merged = json.loads(row["timings_json"] or "{}")
-            merged.update({k: round(float(v), 3) for k, v in (timings_ms or {}).items()})
+            row = _instance(db, sop_instance_uid, "timings_json")
             db.execute("UPDATE instances SET state=?, reason=?, findings_json=?, timings_json=?,"
                        " analyzed_at=?, updated_at=?, not_before=NULL WHERE sop_instance_uid=?",
                        (state, reason, json.dumps(findings) if findings is not None else None,
-                        json.dumps(merged, sort_keys=True), now, now, sop_instance_uid))
+                        _merged_timings(row, timings_ms or {}), now, now, sop_instance_uid))
             # Results queued early by an analysis that ended otherwise are not sent (any
             # already sent stay so); a later analysis queues its own again.
             db.execute("UPDATE deliveries SET"
@@ -488,10 +481,7 @@ class Journal(CommitmentRecords, ScreeningRecords):
         """
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute("SELECT recovered FROM instances WHERE sop_instance_uid=?",
-                             (sop_instance_uid,)).fetchone()
-            if row is None:
-                raise KeyError(sop_instance_uid)
+            row = _instance(db, sop_instance_uid, "recovered")
             unconfirmed = now if row["recovered"] else None
             for object_type, result_uid, path, dest, *more in plan:
                 if object_type == SOURCE:
@@ -518,19 +508,14 @@ class Journal(CommitmentRecords, ScreeningRecords):
         now = time.time() if now is None else now
         rows = list(plan)
         with self._tx() as db:
-            row = db.execute("SELECT timings_json, recovered FROM instances WHERE sop_instance_uid=?",
-                             (sop_instance_uid,)).fetchone()
-            if row is None:
-                raise KeyError(sop_instance_uid)
+            row = _instance(db, sop_instance_uid, "timings_json, recovered")
             # Results of an image recovered from the spool may have reached the PACS before
             # the journal was lost: the outbox checks before sending them.
             unconfirmed = now if row["recovered"] else None
-            merged = json.loads(row["timings_json"] or "{}")
-            merged.update({k: round(float(v), 3) for k, v in timings_ms.items()})
             db.execute("UPDATE instances SET state='analyzed', reason=NULL, findings_json=?,"
                        " timings_json=?, analyzed_at=?, updated_at=?, not_before=NULL"
                        " WHERE sop_instance_uid=?",
-                       (json.dumps(findings), json.dumps(merged, sort_keys=True), now, now,
+                       (json.dumps(findings), _merged_timings(row, timings_ms), now, now,
                         sop_instance_uid))
             # Objects of an earlier analysis that this one does not produce again are replaced:
             # those not yet sent are never sent (the PACS would get stale results).
@@ -795,6 +780,22 @@ class Journal(CommitmentRecords, ScreeningRecords):
         return {(r[0], r[1], r[2]): r[3] for r in self._query(
             "SELECT destination, object_type, state, COUNT(*) FROM deliveries"
             " GROUP BY destination, object_type, state")}
+
+
+def _instance(db: sqlite3.Connection, sop_instance_uid: str, columns: str) -> sqlite3.Row:
+    """``columns`` of the instance's row; KeyError when the journal does not know it."""
+    row = db.execute(f"SELECT {columns} FROM instances WHERE sop_instance_uid=?",
+                     (sop_instance_uid,)).fetchone()
+    if row is None:
+        raise KeyError(sop_instance_uid)
+    return row
+
+
+def _merged_timings(row: sqlite3.Row, timings_ms: dict[str, float]) -> str:
+    """The row's ``timings_json`` with ``timings_ms`` (milliseconds, 3 decimals) merged in."""
+    merged = json.loads(row["timings_json"] or "{}")
+    merged.update({k: round(float(v), 3) for k, v in timings_ms.items()})
+    return json.dumps(merged, sort_keys=True)
 
 
 def _queue_result(db: sqlite3.Connection, sop_instance_uid: str, object_type: str, result_uid: str,

@@ -3,8 +3,9 @@
 Content tree (``tid1500.MeasurementReport``), all referencing the source image:
 - Image Library: the source image;
 - Imaging Measurements: one planar ROI group (TID 1410) per box (``marks.marks``): per
-  nodule, finding "Nodule" ("Mass" over 30 mm), and per detection of another label a model declares (mass,
-  consolidation, ...), its coded concept, tracking identifier "<display> <n>"; each with
+  nodule, finding "Nodule" ("Mass" over 30 mm), and per detection of another label a
+  model declares (mass, consolidation, ...), its coded concept, tracking identifier
+  "<display> <n>"; each with
   the box as a closed polyline in full-resolution pixel coordinates, the detector's
   "Certainty of Finding" (percent) and, when pixel spacing is known, the long axis (mm);
   on an image without boxes, one "Nodules" group over the whole image instead, with

@@ -155,10 +155,11 @@ def operating_point(per_image: Sequence[tuple[Sequence[Detection], np.ndarray, S
         # greedy in score order: the matches above the threshold are those of all detections
         matched = [j for score, j in _match(dets, boxes) if score >= threshold]
         fps += sum(j is None for j in matched)
+        found = set(matched)
         for j, mm in enumerate(sizes):
             for g in ("all",) + size_groups(mm):
                 total_by[g] += 1
-                found_by[g] += int(j in matched)
+                found_by[g] += int(j in found)
     sens = {g: found_by[g] / total_by[g] if total_by[g] else float("nan") for g in SIZE_GROUPS}
     return {"threshold": threshold, "sensitivity": sens["all"], "by_size": sens,
             "lesions": total_by, "fp_per_image": fps / max(1, len(per_image))}

@@ -307,6 +307,10 @@ def train_detector(cases: list[tdata.RenderedCase], val: list[tdata.RenderedCase
                    "seconds": round(time.monotonic() - start), "history": history}
 
 
+#: TrainConfig fields that ``--<field>`` sets (integers)
+_INT_OPTIONS = ("train_cases", "render_size", "tb_steps", "det_steps", "det_batch", "val_cases", "loader_workers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engines.train.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device: auto (cuda when a GPU is visible, else cpu), cpu or cuda")
     parser.add_argument("--eval-count", type=int, default=None, help="held-out phantoms to evaluate")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    for key in ("train_cases", "render_size", "tb_steps", "det_steps", "det_batch", "val_cases", "loader_workers"):
+    for key in _INT_OPTIONS:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                             help=f"override {key} (default: {getattr(TrainConfig(), key)})")
     return parser
@@ -337,9 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no GPU visible to torch {torch.__version__}")
     cfg = replace(cfg, seed=args.seed, threads=args.threads, workers=args.workers, device=device)
-    overrides = {key: getattr(args, key) for key in ("eval_count", "train_cases", "render_size", "tb_steps",
-                                                     "det_steps", "det_batch", "val_cases", "loader_workers")
-                 if getattr(args, key) is not None}
+    overrides = {key: getattr(args, key) for key in ("eval_count", *_INT_OPTIONS) if getattr(args, key) is not None}
     cfg = replace(cfg, **overrides)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
